@@ -1,0 +1,1 @@
+"""pipeline (see the project's issues for what lands here)."""

@@ -1,0 +1,1 @@
+"""sampling (see the project's issues for what lands here)."""

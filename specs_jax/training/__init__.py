@@ -1,0 +1,1 @@
+"""training (see the project's issues for what lands here)."""
