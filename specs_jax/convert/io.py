@@ -1,0 +1,335 @@
+"""Loading and saving Qwen2.5-VL weights: HF safetensors directories and this project's Orbax checkpoints.
+
+Name mapping: the NNX state path ``model.language_model.layers.self_attn.q_proj.weight`` holds
+``[num_layers, ...]`` and corresponds to the HF tensors
+``model.language_model.layers.{i}.self_attn.q_proj.weight``; every other path is the HF name
+itself. Checkpoints saved by older transformers (``model.layers.*``, ``visual.*``) are read too;
+HF output always uses the current names.
+
+Orbax checkpoint layout written here (``load_model`` reads it back)::
+
+    OUT_DIR/config.json        the HF config, verbatim
+    OUT_DIR/specs_jax.json     {"format": "specs-jax-orbax", "version": 1}
+    OUT_DIR/params/            Orbax StandardCheckpointer tree {state path: array}
+    OUT_DIR/tokenizer* ...     tokenizer/processor files carried from the source
+
+Both conversions write into a temporary sibling directory and rename it into place only
+once everything is written, so a failed conversion leaves ``OUT_DIR`` untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from specs_jax.convert.safetensors_io import TensorInfo, read_header, read_tensor, write_file
+from specs_jax.model.config import ModelConfig, load_config
+from specs_jax.model.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+
+FORMAT = {"format": "specs-jax-orbax", "version": 1}
+STACKED = ("blocks", "layers")  # the scanned module containers
+CARRIED_FILES = re.compile(
+    r"^(tokenizer.*|vocab.*|merges\.txt|special_tokens_map\.json|added_tokens\.json|chat_template\..*|"
+    r".*preprocessor_config\.json|processor_config\.json|generation_config\.json)$")
+MAX_SHARD_BYTES = 5 * 1024**3
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the model its config describes."""
+
+
+# --------------------------------------------------------------------------------------------
+# Names and shapes
+# --------------------------------------------------------------------------------------------
+
+def abstract_model(cfg: ModelConfig) -> Qwen2_5_VLForConditionalGeneration:
+    """The model with ``ShapeDtypeStruct`` parameters (nothing allocated)."""
+    return nnx.eval_shape(lambda: Qwen2_5_VLForConditionalGeneration(cfg, rngs=nnx.Rngs(0)))
+
+
+def state_key(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def param_specs(cfg: ModelConfig) -> dict[str, jax.ShapeDtypeStruct]:
+    """``{state path: ShapeDtypeStruct}`` of every parameter (stacked layers included)."""
+    state = nnx.state(abstract_model(cfg), nnx.Param)
+    return {state_key(p): v.get_value() for p, v in nnx.to_flat_state(state)}
+
+
+def hf_names(key: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
+    """HF tensor names and shapes of one state entry (one per layer for stacked entries)."""
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part in STACKED and i >= 2 and parts[i - 1] in ("visual", "language_model"):
+            head, tail = ".".join(parts[: i + 1]), ".".join(parts[i + 1:])
+            return [(f"{head}.{n}.{tail}", shape[1:]) for n in range(shape[0])]
+    return [(key, shape)]
+
+
+def normalize_hf_name(name: str) -> str:
+    """Map names of checkpoints saved by transformers < 5 to the current layout."""
+    if name.startswith("visual."):
+        return "model." + name
+    if name.startswith("model.") and not name.startswith(("model.visual.", "model.language_model.")):
+        return "model.language_model." + name[len("model."):]
+    return name
+
+
+def _is_hf_dir(path: Path) -> bool:
+    return (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
+
+
+def _is_orbax_dir(path: Path) -> bool:
+    return (path / "specs_jax.json").is_file() and (path / "params").is_dir()
+
+
+def hf_tensor_index(path: Path) -> dict[str, TensorInfo]:
+    """``{normalized HF name: TensorInfo}`` over all safetensors shards of an HF directory."""
+    index_file = path / "model.safetensors.index.json"
+    if index_file.is_file():
+        files = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    index: dict[str, TensorInfo] = {}
+    for file in files:
+        for name, info in read_header(path / file).items():
+            index[normalize_hf_name(name)] = info
+    return index
+
+
+def check_tensors(cfg: ModelConfig, available: dict[str, tuple[int, ...]]) -> None:
+    """Refuse a checkpoint whose tensors are not exactly those of ``cfg``'s model.
+
+    A tied model may also carry ``lm_head.weight`` (some exporters write the tied copy); it is ignored.
+    """
+    expected = {name: shape for key, spec in param_specs(cfg).items() for name, shape in hf_names(key, spec.shape)}
+    missing = sorted(set(expected) - set(available))
+    extra = sorted(set(available) - set(expected) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set()))
+    wrong = sorted(n for n in set(expected) & set(available) if tuple(available[n]) != tuple(expected[n]))
+    problems = [f"missing tensor {n} (expected shape {expected[n]})" for n in missing[:10]]
+    problems += [f"unexpected tensor {n} (shape {tuple(available[n])})" for n in extra[:10]]
+    problems += [f"tensor {n} has shape {tuple(available[n])}, expected {expected[n]}" for n in wrong[:10]]
+    if problems:
+        more = len(missing) + len(extra) + len(wrong) - len(problems)
+        raise CheckpointError("checkpoint does not match its config:\n  " + "\n  ".join(problems)
+                              + (f"\n  ... and {more} more" if more > 0 else ""))
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+
+def iter_hf_params(path: Path, cfg: ModelConfig, dtype: np.dtype | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield ``(state path, array)`` for every parameter, stacking per-layer tensors; one array in
+    memory at a time besides the caller's. ``dtype`` casts (default: the checkpoint's dtype)."""
+    index = hf_tensor_index(path)
+    check_tensors(cfg, {n: info.shape for n, info in index.items()})
+    for key, spec in param_specs(cfg).items():
+        names = hf_names(key, spec.shape)
+        infos = [index[n] for n, _ in names]
+        src = infos[0].dtype
+        if len(names) == 1 and names[0][0] == key:
+            arr = read_tensor(infos[0])
+        else:
+            arr = np.empty(spec.shape, src)
+            for i, info in enumerate(infos):
+                read_tensor(info, arr[i])
+        yield key, arr if dtype is None or arr.dtype == dtype else arr.astype(dtype)
+
+
+def restore_orbax_params(path: Path) -> dict[str, np.ndarray]:
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckpt:
+        return dict(ckpt.restore((path / "params").absolute()))
+
+
+def _build(cfg: ModelConfig, params: dict[str, np.ndarray]) -> Qwen2_5_VLForConditionalGeneration:
+    graphdef, state = nnx.split(abstract_model(cfg))
+    pdt = jnp.dtype(cfg.param_dtype)
+    for path, var in nnx.to_flat_state(state):
+        key = state_key(path)
+        var.set_value(jnp.asarray(params.pop(key), dtype=pdt))
+    return nnx.merge(graphdef, state)
+
+
+def load_model(path: str | os.PathLike, dtype: str = "float32", *, param_dtype: str | None = None,
+               remat: str = "none") -> Qwen2_5_VLForConditionalGeneration:
+    """Load Qwen2.5-VL from an HF directory (config.json + safetensors, sharded or not) or from an
+    Orbax checkpoint directory written by this project.
+
+    ``dtype`` is the compute dtype; ``param_dtype`` (default: ``dtype``) the parameters' dtype.
+    """
+    path = Path(path)
+    cfg = load_config(path, dtype=dtype, param_dtype=param_dtype, remat=remat)
+    if _is_orbax_dir(path):
+        params = restore_orbax_params(path)
+        check_tensors(cfg, {n: s for k, v in params.items() for n, s in hf_names(k, v.shape)})
+        return _build(cfg, params)
+    if _is_hf_dir(path):
+        return _build(cfg, dict(iter_hf_params(path, cfg)))
+    raise FileNotFoundError(f"{path}: neither an HF model directory (model.safetensors[.index.json]) "
+                            f"nor a specs-jax Orbax checkpoint (specs_jax.json + params/)")
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def atomic_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside ``out_dir``; rename it to ``out_dir`` only on success."""
+    out = Path(out_dir).absolute()
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True / --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def _carry_files(src: Path, dst: Path) -> None:
+    for f in src.iterdir():
+        if f.is_file() and CARRIED_FILES.match(f.name):
+            shutil.copy2(f, dst / f.name)
+
+
+def _config_with_dtype(hf: dict[str, Any], dtype: str | None) -> dict[str, Any]:
+    if dtype is None:
+        return hf
+    hf = dict(hf)
+    hf["torch_dtype" if "torch_dtype" in hf and "dtype" not in hf else "dtype"] = dtype
+    return hf
+
+
+def _np_dtype(dtype: str | None) -> np.dtype | None:
+    return None if dtype is None else np.dtype(jnp.dtype(dtype))
+
+
+def save_orbax(out: Path, cfg: ModelConfig, params: dict[str, np.ndarray]) -> None:
+    """Write an Orbax checkpoint of ``params`` (``{state path: array}``) and the config into ``out``."""
+    import orbax.checkpoint as ocp
+
+    (out / "config.json").write_text(json.dumps(cfg.hf_config, indent=2))
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(out / "params", params)
+    (out / "specs_jax.json").write_text(json.dumps(FORMAT))
+
+
+def hf_to_orbax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str | None = None,
+                overwrite: bool = False) -> Path:
+    """Convert an HF Qwen2.5-VL directory to a specs-jax Orbax checkpoint (``dtype`` casts)."""
+    src = Path(hf_dir)
+    cfg = load_config(src)
+    cfg = cfg.replace(hf_config=_config_with_dtype(cfg.hf_config, dtype))
+    params = dict(iter_hf_params(src, cfg, _np_dtype(dtype)))
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        save_orbax(tmp, cfg, params)
+        _carry_files(src, tmp)
+    return Path(out_dir)
+
+
+def iter_hf_tensors(params: dict[str, np.ndarray], cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
+    """HF ``(name, array)`` pairs of a ``{state path: array}`` tree (stacked entries split per layer,
+    as views)."""
+    for key, arr in params.items():
+        names = hf_names(key, arr.shape)
+        if len(names) == 1 and names[0][0] == key:
+            yield key, arr
+        else:
+            for i, (name, _) in enumerate(names):
+                yield name, arr[i]
+
+
+def write_hf_weights(out: Path, tensors: Iterator[tuple[str, np.ndarray]],
+                     max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """Write ``model.safetensors`` or, past ``max_shard_bytes``, numbered shards plus the index."""
+    shards: list[list[tuple[str, np.ndarray]]] = [[]]
+    size = 0
+    total = 0
+    for name, arr in tensors:
+        if shards[-1] and size + arr.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, arr))
+        size += arr.nbytes
+        total += arr.nbytes
+    if len(shards) == 1:
+        write_file(out / "model.safetensors", shards[0])
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        write_file(out / file, shard)
+        weight_map.update({name: file for name, _ in shard})
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def save_hf(out: Path, cfg: ModelConfig, params: dict[str, np.ndarray], max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """Write an HF directory (config.json + safetensors) that ``from_pretrained`` loads."""
+    (out / "config.json").write_text(json.dumps(cfg.hf_config, indent=2))
+    write_hf_weights(out, iter_hf_tensors(params, cfg), max_shard_bytes)
+
+
+def orbax_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str | None = None,
+                overwrite: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """Convert a specs-jax Orbax checkpoint to an HF directory (``dtype`` casts)."""
+    src = Path(ckpt_dir)
+    if not _is_orbax_dir(src):
+        raise FileNotFoundError(f"{src}: not a specs-jax Orbax checkpoint (needs specs_jax.json and params/)")
+    cfg = load_config(src)
+    params = restore_orbax_params(src)
+    check_tensors(cfg, {n: s for k, v in params.items() for n, s in hf_names(k, v.shape)})
+    to = _np_dtype(dtype)
+    if to is not None:
+        params = {k: v.astype(to) for k, v in params.items()}
+    cfg = cfg.replace(hf_config=_config_with_dtype(cfg.hf_config, dtype))
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        save_hf(tmp, cfg, params, max_shard_bytes)
+        _carry_files(src, tmp)
+    return Path(out_dir)
+
+
+def model_params(model: Qwen2_5_VLForConditionalGeneration) -> dict[str, np.ndarray]:
+    """``{state path: numpy array}`` of a model's parameters (for saving)."""
+    state = nnx.state(model, nnx.Param)
+    return {state_key(p): np.asarray(jax.device_get(v.get_value())) for p, v in nnx.to_flat_state(state)}
+
+
+def save_model(model: Qwen2_5_VLForConditionalGeneration, out_dir: str | os.PathLike, fmt: str = "orbax",
+               carry_from: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
+    """Save a model as an Orbax checkpoint (``fmt="orbax"``) or an HF directory (``fmt="hf"``)."""
+    writers: dict[str, Callable] = {"orbax": save_orbax, "hf": save_hf}
+    if fmt not in writers:
+        raise ValueError(f"fmt={fmt!r}; expected one of {sorted(writers)}")
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        writers[fmt](tmp, model.config, model_params(model))
+        if carry_from is not None:
+            _carry_files(Path(carry_from), tmp)
+    return Path(out_dir)

@@ -1,0 +1,362 @@
+"""Flax NNX Qwen2.5-VL: vision tower (window attention, 2D RoPE, PatchMerger) + Qwen2 decoder with M-RoPE.
+
+Module and parameter names mirror transformers' ``Qwen2_5_VLForConditionalGeneration``
+(``model.visual.blocks.*``, ``model.language_model.layers.*``, ``lm_head``), with the per-layer
+modules stacked on a leading ``layers`` axis and run under ``lax.scan``.
+
+Two ways to call it:
+
+- ``model(input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None)`` takes the
+  arguments of transformers' forward (numpy or jax arrays), computes the data-dependent indices on
+  the host (:func:`prepare_inputs`) and runs a jitted forward. Returns logits ``[B, T, V]``.
+- ``model.forward(inputs)`` with :class:`ModelInputs` is traceable: use it inside your own
+  ``jax.jit``/``nnx.jit`` (the trainer and the sampler do), with inputs prepared by the data pipeline.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from einops import rearrange
+from flax import nnx
+
+from specs_jax.model.config import ModelConfig
+from specs_jax.model.layers import (Embedding, GatedMLP, Linear, RMSNorm, _param, activation, apply_rotary,
+                                    scan_layers)
+from specs_jax.model.positions import get_rope_index, vision_layout
+
+
+class VisionInputs(NamedTuple):
+    """Patches of all images of a batch and their layout (see :class:`positions.VisionLayout`)."""
+
+    pixel_values: jax.Array  # [N, C*T*P*P]
+    permutation: jax.Array  # [N]
+    pos_hw: jax.Array  # [N, 2]
+    window_segment: jax.Array  # [N]
+    image_segment: jax.Array  # [N]
+    unpermute: jax.Array  # [N / merge**2]
+
+
+class ModelInputs(NamedTuple):
+    """A prepared batch: token ids, M-RoPE positions, padding mask, optional images."""
+
+    input_ids: jax.Array  # [B, T] int
+    positions: jax.Array  # [3, B, T] int
+    attention_mask: jax.Array  # [B, T] bool
+    vision: VisionInputs | None = None
+
+
+def _dtype(name: str):
+    return jnp.dtype(name)
+
+
+# --------------------------------------------------------------------------------------------
+# Rotary embeddings (pure functions)
+# --------------------------------------------------------------------------------------------
+
+def rope_inv_freq(dim: int, theta: float) -> np.ndarray:
+    """``1 / theta^(2i/dim)`` for ``i < dim/2``, in float32 as transformers computes it."""
+    return (1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))).astype(np.float32)
+
+
+def mrope_cos_sin(positions: jax.Array, head_dim: int, theta: float, section: tuple[int, ...],
+                  dtype) -> tuple[jax.Array, jax.Array]:
+    """Multimodal RoPE tables. ``positions [3, B, T]`` (t, h, w streams) -> ``cos, sin [B, T, head_dim]``.
+
+    Frequency ``j`` of the ``head_dim/2`` frequencies uses stream ``s(j)``, where ``mrope_section``
+    gives how many consecutive frequencies each stream owns; the table is duplicated to head_dim.
+    """
+    inv_freq = jnp.asarray(rope_inv_freq(head_dim, theta))
+    stream = np.repeat(np.arange(len(section)), section)  # [head_dim/2]
+    pos = jnp.moveaxis(positions, 0, -1).astype(jnp.float32)[..., stream]  # [B, T, head_dim/2]
+    freqs = pos * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def vision_cos_sin(pos_hw: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """2D axial RoPE of the vision tower: ``pos_hw [N, 2]`` -> fp32 ``cos, sin [N, head_dim]``.
+
+    ``head_dim/4`` frequencies ``1/theta^(2i/(head_dim/2))`` rotate the row and the column
+    coordinate: ``[f*h, f*w, f*h, f*w]``.
+    """
+    inv_freq = jnp.asarray(rope_inv_freq(head_dim // 2, theta))
+    freqs = pos_hw.astype(jnp.float32)[..., None] * inv_freq  # [N, 2, head_dim/4]
+    freqs = rearrange(freqs, "n s f -> n (s f)")
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+    """Softmax attention with grouped KV heads. ``q [B,T,N,D]``, ``k,v [B,S,K,D]``, ``mask`` bool
+    broadcastable to ``[B,N,T,S]``. Fully masked query rows give finite (uniform) output."""
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
+
+
+# --------------------------------------------------------------------------------------------
+# Vision tower
+# --------------------------------------------------------------------------------------------
+
+class PatchProjection(nnx.Module):
+    """The patch-embedding Conv3d (stride = kernel) as a matmul; ``weight [E, C, T, P, P]`` as in HF."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        v = cfg.vision
+        shape = (v.hidden_size, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+        self.weight = _param(rngs, shape, ("vision_embed", None, None, None, None), _dtype(cfg.param_dtype),
+                             "normal", None)
+        self.dtype = _dtype(cfg.dtype)
+
+    def __call__(self, patches: jax.Array) -> jax.Array:
+        w = self.weight[...].reshape(self.weight.shape[0], -1).astype(self.dtype)
+        return patches.astype(self.dtype) @ w.T
+
+
+class PatchEmbed(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.proj = PatchProjection(cfg, rngs=rngs)
+
+    def __call__(self, patches: jax.Array) -> jax.Array:
+        return self.proj(patches)
+
+
+class VisionAttention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, stack: int):
+        v = cfg.vision
+        kw = dict(dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype), rngs=rngs, stack=stack)
+        self.qkv = Linear(v.hidden_size, 3 * v.hidden_size, use_bias=True, axes=("vision_qkv", "vision_embed"), **kw)
+        self.proj = Linear(v.hidden_size, v.hidden_size, use_bias=True, axes=("vision_embed", "vision_heads"), **kw)
+        self.num_heads = v.num_heads
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+        q, k, val = rearrange(self.qkv(x), "n (three h d) -> three n h d", three=3, h=self.num_heads)
+        q = apply_rotary(q.astype(jnp.float32), cos, sin).astype(x.dtype)
+        k = apply_rotary(k.astype(jnp.float32), cos, sin).astype(x.dtype)
+        out = attend(q[None], k[None], val[None], mask[None, None], q.shape[-1] ** -0.5)[0]
+        return self.proj(rearrange(out, "n h d -> n (h d)"))
+
+
+class VisionBlock(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, stack: int):
+        v = cfg.vision
+        dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+        self.norm1 = RMSNorm(v.hidden_size, eps=1e-6, axis="vision_embed", dtype=dt, param_dtype=pdt, stack=stack)
+        self.norm2 = RMSNorm(v.hidden_size, eps=1e-6, axis="vision_embed", dtype=dt, param_dtype=pdt, stack=stack)
+        self.attn = VisionAttention(cfg, rngs=rngs, stack=stack)
+        self.mlp = GatedMLP(v.hidden_size, v.intermediate_size, act=v.hidden_act, use_bias=True,
+                            axes=("vision_embed", "vision_mlp"), dtype=dt, param_dtype=pdt, rngs=rngs, stack=stack)
+
+    def __call__(self, x, cos, sin, mask):
+        x = x + self.attn(self.norm1(x), cos, sin, mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class _GELU(nnx.Module):
+    """Parameter-free slot so the merger MLP's layers keep HF's indices ``mlp.0`` / ``mlp.2``."""
+
+    def __call__(self, x):
+        return activation("gelu")(x)
+
+
+class PatchMerger(nnx.Module):
+    """RMSNorm, then merge ``merge**2`` neighbouring patches and project: ``Linear -> GELU -> Linear``."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        v = cfg.vision
+        dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+        width = v.hidden_size * v.spatial_merge_size**2
+        self.ln_q = RMSNorm(v.hidden_size, eps=1e-6, axis="vision_embed", dtype=dt, param_dtype=pdt)
+        kw = dict(use_bias=True, dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.mlp = nnx.List([Linear(width, width, axes=("vision_mlp", "vision_mlp"), **kw), _GELU(),
+                             Linear(width, v.out_hidden_size, axes=("embed", "vision_mlp"), **kw)])
+        self.width = width
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.ln_q(x).reshape(-1, self.width)
+        for layer in self.mlp:
+            x = layer(x)
+        return x
+
+
+class VisionTransformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        v = cfg.vision
+        self.patch_embed = PatchEmbed(cfg, rngs=rngs)
+        self.blocks = VisionBlock(cfg, rngs=rngs, stack=v.depth)
+        self.merger = PatchMerger(cfg, rngs=rngs)
+        self.full_attention = tuple(i in v.fullatt_block_indexes for i in range(v.depth))
+        self.head_dim, self.theta, self.remat = v.head_dim, v.rope_theta, cfg.remat
+
+    def __call__(self, vis: VisionInputs) -> jax.Array:
+        """``[N, C*T*P*P]`` patches -> ``[N / merge**2, out_hidden]`` merged features in processor order."""
+        x = self.patch_embed(vis.pixel_values)[vis.permutation]
+        cos, sin = vision_cos_sin(vis.pos_hw, self.head_dim, self.theta)
+        window_mask = vis.window_segment[:, None] == vis.window_segment[None, :]
+        image_mask = vis.image_segment[:, None] == vis.image_segment[None, :]
+
+        def body(block, h, is_full):
+            return block(h, cos, sin, jnp.where(is_full, image_mask, window_mask))
+
+        x = scan_layers(self.blocks, x, jnp.asarray(self.full_attention), body, self.remat)
+        return self.merger(x)[vis.unpermute]
+
+
+# --------------------------------------------------------------------------------------------
+# Text decoder
+# --------------------------------------------------------------------------------------------
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, stack: int):
+        t = cfg.text
+        kw = dict(dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype), rngs=rngs, stack=stack)
+        d = t.head_dim
+        self.q_proj = Linear(t.hidden_size, t.num_attention_heads * d, use_bias=True, axes=("heads", "embed"), **kw)
+        self.k_proj = Linear(t.hidden_size, t.num_key_value_heads * d, use_bias=True, axes=("kv_heads", "embed"), **kw)
+        self.v_proj = Linear(t.hidden_size, t.num_key_value_heads * d, use_bias=True, axes=("kv_heads", "embed"), **kw)
+        self.o_proj = Linear(t.num_attention_heads * d, t.hidden_size, use_bias=False, axes=("embed", "heads"), **kw)
+        self.head_dim = d
+
+    def qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """``x [B, T, E]`` -> rotated ``q [B,T,N,D]``, ``k [B,T,K,D]`` and ``v [B,T,K,D]``."""
+        split = lambda y: rearrange(y, "b t (h d) -> b t h d", d=self.head_dim)
+        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def __call__(self, x, cos, sin, mask):
+        q, k, v = self.qkv(x, cos, sin)
+        out = attend(q, k, v, mask, self.head_dim**-0.5)
+        return self.o_proj(rearrange(out, "b t h d -> b t (h d)"))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, stack: int):
+        t = cfg.text
+        dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+        self.self_attn = Attention(cfg, rngs=rngs, stack=stack)
+        self.mlp = GatedMLP(t.hidden_size, t.intermediate_size, act=t.hidden_act, use_bias=False,
+                            axes=("embed", "mlp"), dtype=dt, param_dtype=pdt, rngs=rngs, stack=stack)
+        self.input_layernorm = RMSNorm(t.hidden_size, eps=t.rms_norm_eps, axis="embed", dtype=dt, param_dtype=pdt,
+                                       stack=stack)
+        self.post_attention_layernorm = RMSNorm(t.hidden_size, eps=t.rms_norm_eps, axis="embed", dtype=dt,
+                                                param_dtype=pdt, stack=stack)
+
+    def __call__(self, x, cos, sin, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TextModel(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        t = cfg.text
+        dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+        self.embed_tokens = Embedding(t.vocab_size, t.hidden_size, dtype=dt, param_dtype=pdt, rngs=rngs)
+        self.layers = DecoderLayer(cfg, rngs=rngs, stack=t.num_hidden_layers)
+        self.norm = RMSNorm(t.hidden_size, eps=t.rms_norm_eps, axis="embed", dtype=dt, param_dtype=pdt)
+        self.text_cfg, self.dtype, self.remat = t, dt, cfg.remat
+
+    def __call__(self, embeds: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
+        """``embeds [B,T,E]``, ``positions [3,B,T]``, ``mask`` bool ``[B,1,T,S]`` -> final-normed hidden ``[B,T,E]``."""
+        t = self.text_cfg
+        cos, sin = mrope_cos_sin(positions, t.head_dim, t.rope_theta, t.mrope_section, self.dtype)
+        h = scan_layers(self.layers, embeds, None, lambda layer, h, _: layer(h, cos, sin, mask), self.remat)
+        return self.norm(h)
+
+
+class Qwen2_5_VLModel(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.visual = VisionTransformer(cfg, rngs=rngs)
+        self.language_model = TextModel(cfg, rngs=rngs)
+
+
+def scatter_image_features(embeds: jax.Array, input_ids: jax.Array, features: jax.Array,
+                           image_token_id: int) -> jax.Array:
+    """Replace the embeddings at ``<|image_pad|>`` tokens, in row-major order, by ``features [M, E]``."""
+    is_image = input_ids == image_token_id
+    index = jnp.clip(jnp.cumsum(is_image.reshape(-1)) - 1, 0, features.shape[0] - 1)
+    gathered = features[index].reshape(embeds.shape).astype(embeds.dtype)
+    return jnp.where(is_image[..., None], gathered, embeds)
+
+
+class Qwen2_5_VLForConditionalGeneration(nnx.Module):
+    """Qwen2.5-VL with the LM head. See the module docstring for the two calling conventions."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.model = Qwen2_5_VLModel(cfg, rngs=rngs)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(
+            cfg.text.hidden_size, cfg.text.vocab_size, use_bias=False, axes=("vocab", "embed"),
+            dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype), rngs=rngs)
+
+    def lm_head_weight(self) -> jax.Array:
+        """``[vocab, embed]`` weight of the LM head (the embedding table when tied)."""
+        head = self.model.language_model.embed_tokens if self.lm_head is None else self.lm_head
+        return head.weight[...]
+
+    def hidden_states(self, inputs: ModelInputs) -> jax.Array:
+        """Final-normed decoder hidden states ``[B, T, E]`` (traceable)."""
+        lm = self.model.language_model
+        embeds = lm.embed_tokens(inputs.input_ids)
+        if inputs.vision is not None:
+            features = self.model.visual(inputs.vision)
+            embeds = scatter_image_features(embeds, inputs.input_ids, features, self.config.image_token_id)
+        t = inputs.input_ids.shape[1]
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        mask = causal[None, None] & inputs.attention_mask.astype(bool)[:, None, None, :]
+        return lm(embeds, inputs.positions, mask)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """``hidden [..., E] -> logits [..., V]`` in the compute dtype."""
+        return jnp.einsum("...e,ve->...v", hidden, self.lm_head_weight().astype(hidden.dtype))
+
+    def forward(self, inputs: ModelInputs) -> jax.Array:
+        """Traceable forward: prepared inputs -> logits ``[B, T, V]``."""
+        return self.logits(self.hidden_states(inputs))
+
+    def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None) -> jax.Array:
+        """transformers-style forward on concrete arrays -> logits ``[B, T, V]`` (jitted)."""
+        return _jit_forward(self, prepare_inputs(self.config, input_ids, attention_mask, pixel_values, image_grid_thw))
+
+
+@nnx.jit
+def _jit_forward(model: Qwen2_5_VLForConditionalGeneration, inputs: ModelInputs) -> jax.Array:
+    return model.forward(inputs)
+
+
+def prepare_inputs(cfg: ModelConfig, input_ids, attention_mask=None, pixel_values=None,
+                   image_grid_thw=None) -> ModelInputs:
+    """Host-side preparation of a transformers-style batch into :class:`ModelInputs` (numpy arrays).
+
+    Checks that the number of ``<|image_pad|>`` tokens matches the images' merged patch counts and
+    that ``pixel_values`` has one row per patch.
+    """
+    if isinstance(input_ids, jax.core.Tracer):
+        raise TypeError("model(...) needs concrete arrays; inside jit call model.forward(prepare_inputs(...))")
+    ids = np.asarray(input_ids)
+    if ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {ids.shape}")
+    mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
+    n_image_tokens = int(((ids == cfg.image_token_id) & mask).sum())
+    vision = None
+    if (pixel_values is None) != (image_grid_thw is None):
+        raise ValueError("pixel_values and image_grid_thw must be given together")
+    if pixel_values is not None:
+        grid = np.asarray(image_grid_thw).reshape(-1, 3).astype(np.int64)
+        pixels = np.asarray(pixel_values)
+        n_patches = int(grid.prod(-1).sum())
+        if pixels.shape != (n_patches, cfg.vision.patch_dim):
+            raise ValueError(f"pixel_values shape {pixels.shape} != (patches in image_grid_thw, patch_dim) = "
+                             f"{(n_patches, cfg.vision.patch_dim)}")
+        n_features = n_patches // cfg.vision.spatial_merge_size**2
+        if n_image_tokens != n_features:
+            raise ValueError(f"Image features and image tokens do not match: tokens {n_image_tokens}, "
+                             f"features {n_features}")
+        vision = VisionInputs(pixels, *vision_layout(cfg, grid))
+    elif n_image_tokens:
+        raise ValueError(f"input_ids hold {n_image_tokens} <|image_pad|> tokens but no pixel_values were given")
+    positions, _ = get_rope_index(cfg, ids, None if vision is None else image_grid_thw, mask)
+    return ModelInputs(ids.astype(np.int32), positions, mask, vision)
