@@ -1,0 +1,178 @@
+"""Per-token log-probabilities of label tokens.
+
+Both functions return ``log softmax(z / temperature)[label]`` for every position, where ``z``
+are the next-token logits. Labels are already aligned with the positions (the caller shifts
+them: position ``t`` scores token ``t + 1`` of the sequence). Negative labels (HF's ``-100``
+ignore index) are looked up as token 0; the losses mask those positions out.
+
+:func:`token_logps_from_hidden` fuses the lm-head matmul with the log-softmax and walks the
+vocabulary in chunks with an online logsumexp, so the ``[B, T, V]`` logits (V = 151,936 for
+Qwen2.5-VL) are never materialised, neither in the forward nor in the backward pass.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["token_logps", "token_logps_from_hidden"]
+
+
+def _safe_labels(labels: jax.Array) -> jax.Array:
+    return jnp.where(labels < 0, 0, labels)
+
+
+def token_logps(logits: jax.Array, labels: jax.Array, temperature: float = 1.0) -> jax.Array:
+    """Log-probabilities of ``labels`` under ``softmax(logits / temperature)``.
+
+    ``out[b, t] = z[b, t, labels[b, t]] - logsumexp_v z[b, t, v]`` with ``z = logits / temperature``,
+    computed in float32.
+
+    Args:
+      logits: ``[B, T, V]`` next-token logits (any float dtype).
+      labels: ``[B, T]`` integer token ids aligned with ``logits``.
+      temperature: sampling temperature the logits are divided by.
+
+    Returns:
+      ``[B, T]`` float32 log-probabilities.
+    """
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"token_logps: logits shape {logits.shape} does not match labels shape {labels.shape} "
+            "(expected logits [B, T, V] and labels [B, T])"
+        )
+    z = logits.astype(jnp.float32) / temperature
+    label_z = jnp.take_along_axis(z, _safe_labels(labels)[..., None], axis=-1)[..., 0]
+    return label_z - jax.nn.logsumexp(z, axis=-1)
+
+
+def _logits_chunk(h: jax.Array, w_chunk: jax.Array, temperature: float) -> jax.Array:
+    """``[N, H] x [C, H] -> [N, C]`` float32 logits divided by the temperature."""
+    z = jax.lax.dot_general(h, w_chunk, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return z / temperature
+
+
+def _vocab_chunks(vocab: int, chunk_size: int) -> tuple[int, int, int]:
+    """(chunk, number of full chunks, size of the remainder chunk)."""
+    chunk = min(chunk_size, vocab)
+    return chunk, vocab // chunk, vocab % chunk
+
+
+def _logsumexp_chunked(h: jax.Array, w: jax.Array, temperature: float, chunk_size: int) -> jax.Array:
+    """``logsumexp_v (h @ w.T / temperature)`` for ``h [N, H]``, ``w [V, H]`` with an online logsumexp."""
+    chunk, n_full, rem = _vocab_chunks(w.shape[0], chunk_size)
+
+    def update(carry: tuple[jax.Array, jax.Array], w_chunk: jax.Array) -> tuple[jax.Array, jax.Array]:
+        m, s = carry
+        z = _logits_chunk(h, w_chunk, temperature)
+        m_new = jnp.maximum(m, jnp.max(z, axis=-1))
+        s = s * jnp.exp(m - m_new) + jnp.sum(jnp.exp(z - m_new[:, None]), axis=-1)
+        return m_new, s
+
+    def body(j: jax.Array, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        return update(carry, jax.lax.dynamic_slice_in_dim(w, j * chunk, chunk, axis=0))
+
+    n = h.shape[0]
+    carry = (jnp.full((n,), -jnp.inf, jnp.float32), jnp.zeros((n,), jnp.float32))
+    carry = jax.lax.fori_loop(0, n_full, body, carry)
+    if rem:
+        carry = update(carry, w[n_full * chunk :])
+    m, s = carry
+    return m + jnp.log(s)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _flat_token_logps(
+    h: jax.Array, w: jax.Array, labels: jax.Array, temperature: float, chunk_size: int
+) -> jax.Array:
+    return _flat_token_logps_fwd(h, w, labels, temperature, chunk_size)[0]
+
+
+def _flat_token_logps_fwd(
+    h: jax.Array, w: jax.Array, labels: jax.Array, temperature: float, chunk_size: int
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array, jax.Array]]:
+    label_z = jnp.sum(h.astype(jnp.float32) * w[labels].astype(jnp.float32), axis=-1) / temperature
+    lse = _logsumexp_chunked(h, w, temperature, chunk_size)
+    return label_z - lse, (h, w, labels, lse)
+
+
+def _flat_token_logps_bwd(
+    temperature: float,
+    chunk_size: int,
+    res: tuple[jax.Array, jax.Array, jax.Array, jax.Array],
+    g: jax.Array,
+) -> tuple[jax.Array, jax.Array, None]:
+    # d out_n / d z_nv = onehot(label_n)_v - softmax(z_n)_v, and z = h w^T / temperature.
+    h, w, labels, lse = res
+    gs = g.astype(jnp.float32) / temperature
+    h32 = h.astype(jnp.float32)
+    chunk, n_full, rem = _vocab_chunks(w.shape[0], chunk_size)
+
+    def chunk_grads(dh: jax.Array, w_chunk: jax.Array) -> tuple[jax.Array, jax.Array]:
+        q = gs[:, None] * jnp.exp(_logits_chunk(h, w_chunk, temperature) - lse[:, None])  # [N, C]
+        dh = dh - jnp.dot(q, w_chunk.astype(jnp.float32))
+        return dh, -jnp.dot(q.T, h32)
+
+    def body(j: jax.Array, carry: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        dh, dw = carry
+        dh, dw_chunk = chunk_grads(dh, jax.lax.dynamic_slice_in_dim(w, j * chunk, chunk, axis=0))
+        return dh, jax.lax.dynamic_update_slice_in_dim(dw, dw_chunk, j * chunk, axis=0)
+
+    dh = gs[:, None] * w[labels].astype(jnp.float32)
+    dw = jnp.zeros(w.shape, jnp.float32)
+    dh, dw = jax.lax.fori_loop(0, n_full, body, (dh, dw))
+    if rem:
+        dh, dw_chunk = chunk_grads(dh, w[n_full * chunk :])
+        dw = jax.lax.dynamic_update_slice_in_dim(dw, dw_chunk, n_full * chunk, axis=0)
+    dw = dw.at[labels].add(gs[:, None] * h32)
+    return dh.astype(h.dtype), dw.astype(w.dtype), None
+
+
+_flat_token_logps.defvjp(_flat_token_logps_fwd, _flat_token_logps_bwd)
+
+
+def token_logps_from_hidden(
+    hidden: jax.Array,
+    lm_head_weight: jax.Array,
+    labels: jax.Array,
+    temperature: float = 1.0,
+    chunk_size: int = 8192,
+) -> jax.Array:
+    """Same as ``token_logps(hidden @ lm_head_weight.T, labels, temperature)``, without the logits.
+
+    The vocabulary is processed in chunks of ``chunk_size`` rows of ``lm_head_weight``: the forward
+    pass keeps a running max and sum per token (online logsumexp), and a custom VJP recomputes each
+    chunk's logits in the backward pass, so only ``[B*T, chunk_size]`` logits exist at any time.
+    Gradients flow to ``hidden`` and ``lm_head_weight``; the matmuls accumulate in float32.
+
+    Memory beyond the inputs: O(B*T*chunk_size + B*T*H) floats, plus the ``[V, H]`` weight gradient
+    when it is requested. Compute: one extra logits matmul (the backward recomputes the chunks).
+
+    Args:
+      hidden: ``[B, T, H]`` final hidden states (after the final norm).
+      lm_head_weight: ``[V, H]``, HF layout of ``lm_head.weight`` / ``embed_tokens.weight``.
+      labels: ``[B, T]`` integer token ids aligned with ``hidden``.
+      temperature: sampling temperature the logits are divided by.
+      chunk_size: vocabulary rows per chunk (static).
+
+    Returns:
+      ``[B, T]`` float32 log-probabilities.
+    """
+    if hidden.ndim != 3 or lm_head_weight.ndim != 2 or hidden.shape[-1] != lm_head_weight.shape[-1]:
+        raise ValueError(
+            f"token_logps_from_hidden: hidden {hidden.shape} must be [B, T, H] and lm_head_weight "
+            f"{lm_head_weight.shape} must be [V, H] with the same H"
+        )
+    if hidden.shape[:2] != labels.shape:
+        raise ValueError(
+            f"token_logps_from_hidden: hidden shape {hidden.shape} does not match labels shape {labels.shape}"
+        )
+    if chunk_size < 1:
+        raise ValueError(f"token_logps_from_hidden: chunk_size must be >= 1, got {chunk_size}")
+    b, t, h = hidden.shape
+    flat = _flat_token_logps(
+        hidden.reshape(b * t, h), lm_head_weight, _safe_labels(labels).reshape(b * t), float(temperature), chunk_size
+    )
+    return flat.reshape(b, t)
