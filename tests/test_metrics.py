@@ -34,7 +34,8 @@ def harmonic_form(g_id: float, g_ood: float, beta: float) -> float:
 @settings(max_examples=200, deadline=None)
 @given(g_id=GAIN, g_ood=GAIN, beta=BETA)
 def test_gf_is_the_weighted_harmonic_mean(g_id: float, g_ood: float, beta: float) -> None:
-    assert generalization_factor(g_id, g_ood, beta) == pytest.approx(harmonic_form(g_id, g_ood, beta), rel=1e-9)
+    expected = harmonic_form(g_id, g_ood, beta)
+    assert generalization_factor(g_id, g_ood, beta) == pytest.approx(expected, rel=1e-9)
 
 
 @settings(max_examples=200, deadline=None)
@@ -50,7 +51,9 @@ def test_gf_hand_values() -> None:
     assert generalization_factor(0.05, 0.2) > generalization_factor(0.2, 0.05)
 
 
-@pytest.mark.parametrize("g_id,g_ood", [(0.0, 0.3), (0.3, 0.0), (-1.0, 4.0), (4.0, -1.0), (-0.2, -0.1), (0.0, 0.0)])
+@pytest.mark.parametrize(
+    "g_id,g_ood", [(0.0, 0.3), (0.3, 0.0), (-1.0, 4.0), (4.0, -1.0), (-0.2, -0.1), (0.0, 0.0)]
+)
 def test_gf_is_zero_unless_both_gains_are_positive(g_id: float, g_ood: float) -> None:
     assert generalization_factor(g_id, g_ood) == 0.0
 
@@ -124,7 +127,10 @@ def test_pass_at_k_large_n_is_stable() -> None:
     assert pass_at_k(200, 10, 32) == pytest.approx(1 - math.comb(190, 32) / math.comb(200, 32))
 
 
-@pytest.mark.parametrize("args,error", [((4, 5, 1), ValueError), ((4, 2, 0), ValueError), ((4, 2, 5), ValueError), ((4.0, 2, 1), TypeError)])
+@pytest.mark.parametrize(
+    "args,error",
+    [((4, 5, 1), ValueError), ((4, 2, 0), ValueError), ((4, 2, 5), ValueError), ((4.0, 2, 1), TypeError)],
+)
 def test_pass_at_k_bad_input(args: tuple, error: type) -> None:
     with pytest.raises(error):
         pass_at_k(*args)
@@ -184,7 +190,12 @@ def test_aggregate_by_split() -> None:
     records = [dict(zip(("split", "prompt_id", "correct", "formatted"), r)) for r in rows]
     out = aggregate_by_split(records, ks=(1, 2))
     assert out["id"] == {
-        "accuracy": 0.25, "format_rate": 0.75, "n_samples": 4.0, "n_prompts": 2.0, "pass@1": 0.25, "pass@2": 0.5,
+        "accuracy": 0.25,
+        "format_rate": 0.75,
+        "n_samples": 4.0,
+        "n_prompts": 2.0,
+        "pass@1": 0.25,
+        "pass@2": 0.5,
     }
     assert out["ood"]["accuracy"] == 1.0 and out["ood"]["format_rate"] == 0.5 and out["ood"]["pass@2"] == 1.0
     with pytest.raises(ValueError, match="fewer than k=3"):

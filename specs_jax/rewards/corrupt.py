@@ -22,7 +22,8 @@ def _remove(text: str, tags: tuple[str, ...]) -> str:
     return text
 
 
-def _validate_tag_text(tag_text: Mapping[str, str]) -> None:
+def validate_tag_text(tag_text: Mapping[str, str]) -> None:
+    """Raise ValueError unless ``tag_text`` maps format tags to tag-free replacement texts."""
     if not tag_text:
         raise ValueError("tag_text is empty: tags_to_text needs at least one tag to replace")
     for tag, replacement in tag_text.items():
@@ -51,7 +52,9 @@ def corrupt(text: str, kind: str, tag_text: Mapping[str, str] = DEFAULT_TAG_TEXT
     if kind not in CORRUPTION_KINDS:
         raise ValueError(f"unknown corruption kind {kind!r}; expected one of {CORRUPTION_KINDS}")
     if not has_format(text):
-        raise ValueError("corrupt() needs a correctly formatted <think>...</think><answer>...</answer> response")
+        raise ValueError(
+            "corrupt() needs a correctly formatted <think>...</think><answer>...</answer> response"
+        )
     if kind == "strip_all_tags":
         return _remove(text, TAGS)
     if kind == "strip_think":
@@ -60,7 +63,7 @@ def corrupt(text: str, kind: str, tag_text: Mapping[str, str] = DEFAULT_TAG_TEXT
         return _remove(text, (ANSWER_OPEN, ANSWER_CLOSE))
     if kind == "think_to_end":
         return _remove(text, (THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)).rstrip() + THINK_CLOSE
-    _validate_tag_text(tag_text)
+    validate_tag_text(tag_text)
     for tag, replacement in tag_text.items():
         text = text.replace(tag, replacement)
     return text
