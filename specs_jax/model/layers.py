@@ -2,7 +2,7 @@
 
 Weights are stored as in PyTorch/HF (``Linear.weight [out, in]``) so checkpoint conversion is a
 copy, not a transpose; XLA contracts either layout equally well. Every parameter carries
-``sharding_names``: logical axes (``embed``, ``mlp``, ``heads``, ``vocab``, ``layers`` and their
+``out_sharding`` metadata: logical axes (``embed``, ``mlp``, ``heads``, ``vocab``, ``layers`` and their
 ``vision_*`` twins) that the trainer maps to mesh axes with its rules. Modules created with
 ``stack=L`` hold ``L`` layers' parameters on a leading ``layers`` axis and are applied one layer at
 a time under ``jax.lax.scan`` (see :func:`scan_layers`).
@@ -28,7 +28,7 @@ def _param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: Axes, dtype, ini
         value = jnp.zeros(shape, dtype)
     else:
         value = (0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
-    return nnx.Param(value, sharding_names=axes, eager_sharding=False)
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
 class Linear(nnx.Module):
