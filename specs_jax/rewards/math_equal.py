@@ -259,13 +259,11 @@ def canonical_answer(text: str) -> Canonical | None:
     """
     if not isinstance(text, str):
         raise TypeError(f"answer must be str, got {type(text).__name__}")
-    return _canonical_cached(text)
+    return None if len(text) > MAX_ANSWER_CHARS else _canonical_cached(text)
 
 
-@lru_cache(maxsize=65_536)
+@lru_cache(maxsize=16_384)
 def _canonical_cached(text: str) -> Canonical | None:
-    if len(text) > MAX_ANSWER_CHARS:
-        return None
     boxed = last_boxed(text)
     text = _normalize(boxed if boxed is not None else text)
     if not text:
