@@ -1,10 +1,11 @@
 """Loading and saving Qwen2.5-VL weights: HF safetensors directories and this project's Orbax checkpoints.
 
 Name mapping: the NNX state path ``model.language_model.layers.self_attn.q_proj.weight`` holds
-``[num_layers, ...]`` and corresponds to the HF tensors
-``model.language_model.layers.{i}.self_attn.q_proj.weight``; every other path is the HF name
-itself. Checkpoints saved by older transformers (``model.layers.*``, ``visual.*``) are read too;
-HF output always uses the current names.
+``[num_layers, ...]`` and corresponds to the module names
+``model.language_model.layers.{i}.self_attn.q_proj.weight`` of transformers' model; every other
+path is the module name itself. On disk, transformers' ``save_pretrained`` (and the published
+Qwen checkpoints) write the decoder as ``model.*`` and the vision tower as ``visual.*``; HF output
+here uses that same on-disk layout, and both layouts are read.
 
 Orbax checkpoint layout written here (``load_model`` reads it back)::
 
@@ -80,11 +81,21 @@ def hf_names(key: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...
 
 
 def normalize_hf_name(name: str) -> str:
-    """Map names of checkpoints saved by transformers < 5 to the current layout."""
+    """On-disk HF name (``model.layers.*``, ``visual.*``) -> module name (``model.language_model.*``,
+    ``model.visual.*``); module names pass through."""
     if name.startswith("visual."):
         return "model." + name
     if name.startswith("model.") and not name.startswith(("model.visual.", "model.language_model.")):
         return "model.language_model." + name[len("model."):]
+    return name
+
+
+def disk_hf_name(name: str) -> str:
+    """Module name -> the on-disk name ``save_pretrained`` writes (inverse of :func:`normalize_hf_name`)."""
+    if name.startswith("model.visual."):
+        return name[len("model."):]
+    if name.startswith("model.language_model."):
+        return "model." + name[len("model.language_model."):]
     return name
 
 
@@ -255,15 +266,15 @@ def hf_to_orbax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: st
 
 
 def iter_hf_tensors(params: dict[str, np.ndarray], cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
-    """HF ``(name, array)`` pairs of a ``{state path: array}`` tree (stacked entries split per layer,
-    as views)."""
+    """On-disk HF ``(name, array)`` pairs of a ``{state path: array}`` tree (stacked entries split per
+    layer, as views)."""
     for key, arr in params.items():
         names = hf_names(key, arr.shape)
         if len(names) == 1 and names[0][0] == key:
-            yield key, arr
+            yield disk_hf_name(key), arr
         else:
             for i, (name, _) in enumerate(names):
-                yield name, arr[i]
+                yield disk_hf_name(name), arr[i]
 
 
 def write_hf_weights(out: Path, tensors: Iterator[tuple[str, np.ndarray]],
