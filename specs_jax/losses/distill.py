@@ -271,5 +271,5 @@ def vigos_teacher_index(token_char_starts: np.ndarray, description_end: Sequence
     index = np.full(starts.shape, VIGOS_REFERENCE, np.int32)
     for b, end in enumerate(description_end):
         if end is not None:
-            index[b] = np.where(starts < end, VIGOS_PERCEPTION, VIGOS_REASONING)
+            index[b] = np.where(starts[b] < end, VIGOS_PERCEPTION, VIGOS_REASONING)
     return index
