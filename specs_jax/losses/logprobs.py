@@ -93,7 +93,7 @@ def _flat_token_logps(
 def _flat_token_logps_fwd(
     h: jax.Array, w: jax.Array, labels: jax.Array, temperature: float, chunk_size: int
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array, jax.Array]]:
-    label_z = jnp.sum(h.astype(jnp.float32) * w[labels].astype(jnp.float32), axis=-1) / temperature
+    label_z = jnp.sum(h.astype(jnp.float32) * jnp.take(w, labels, axis=0).astype(jnp.float32), axis=-1) / temperature
     lse = _logsumexp_chunked(h, w, temperature, chunk_size)
     return label_z - lse, (h, w, labels, lse)
 
@@ -120,7 +120,7 @@ def _flat_token_logps_bwd(
         dh, dw_chunk = chunk_grads(dh, jax.lax.dynamic_slice_in_dim(w, j * chunk, chunk, axis=0))
         return dh, jax.lax.dynamic_update_slice_in_dim(dw, dw_chunk, j * chunk, axis=0)
 
-    dh = gs[:, None] * w[labels].astype(jnp.float32)
+    dh = gs[:, None] * jnp.take(w, labels, axis=0).astype(jnp.float32)
     dw = jnp.zeros(w.shape, jnp.float32)
     dh, dw = jax.lax.fori_loop(0, n_full, body, (dh, dw))
     if rem:

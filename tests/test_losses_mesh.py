@@ -1,0 +1,68 @@
+"""Every loss runs unchanged on an 8-device CPU mesh with the batch sharded, giving the unsharded value.
+
+The check runs in a subprocess (this file as a script) because the host device count must be set
+in XLA_FLAGS before jax is imported, and the rest of the suite runs on one device.
+"""
+
+import os
+import subprocess
+import sys
+
+N_DEVICES = 8
+
+
+def test_losses_on_sharded_batch_match_unsharded():
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={N_DEVICES}", JAX_PLATFORMS="cpu")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([repo, env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"devices={N_DEVICES}" in proc.stdout
+    for name in ("dpo_hybrid", "grpo", "opsd", "vigos", "token_logps_from_hidden"):
+        assert f"ok {name}" in proc.stdout, proc.stdout
+
+
+def _main() -> None:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from specs_jax.losses import get_loss, token_logps_from_hidden
+
+    assert len(jax.devices()) == N_DEVICES, jax.devices()
+    print(f"devices={len(jax.devices())}")
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    b, t, v, h = N_DEVICES, 5, 11, 4
+    rng = np.random.default_rng(0)
+    logps = -rng.exponential(size=(3, b, t)).astype(np.float32)
+    mask = (np.arange(t)[None, :] < rng.integers(0, t + 1, size=b)[:, None]).astype(np.float32)
+    logits = rng.normal(size=(4, b, t, v)).astype(np.float32)
+    index = rng.integers(0, 3, size=(b, t)).astype(np.int32)
+    adv = rng.normal(size=(b,)).astype(np.float32)
+    hidden = rng.normal(size=(b, t, h)).astype(np.float32)
+    weight = rng.normal(size=(v, h)).astype(np.float32)
+
+    cases = {
+        "dpo_hybrid": (lambda x: get_loss("dpo_hybrid")(x, logps[1], logps[2], logps[0], mask, mask)[0], logps[0]),
+        "grpo": (lambda x: get_loss("grpo")(x, logps[1], logps[2], adv, mask, dual_clip=3.0)[0], logps[0]),
+        "opsd": (lambda x: get_loss("opsd")(x, logits[1], mask, divergence="jsd")[0], logits[0]),
+        "vigos": (lambda x: get_loss("vigos")(x, logits[1:], index, mask, token_clip=None)[0], logits[0]),
+        "token_logps_from_hidden": (
+            lambda x: jnp.sum(token_logps_from_hidden(x, weight, index, chunk_size=4) * mask), hidden
+        ),
+    }
+    for name, (fn, x) in cases.items():
+        step = jax.jit(jax.value_and_grad(fn))
+        value, grad = step(jax.device_put(x, jax.devices()[0]))
+        x_sharded = jax.device_put(x, NamedSharding(mesh, P("data")))
+        value_s, grad_s = step(x_sharded)
+        assert len(x_sharded.sharding.device_set) == N_DEVICES
+        assert len(grad_s.sharding.device_set) == N_DEVICES, (name, grad_s.sharding)
+        np.testing.assert_allclose(value_s, value, rtol=1e-5, err_msg=name)
+        np.testing.assert_allclose(grad_s, grad, rtol=1e-5, atol=1e-7, err_msg=name)
+        print(f"ok {name}")
+
+
+if __name__ == "__main__":
+    _main()
