@@ -22,6 +22,7 @@ import os
 import statistics
 import threading
 import time
+from collections.abc import Callable
 
 
 def _rss_bytes() -> int:
@@ -29,31 +30,28 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-class _PeakRss:
-    """Samples the resident set size in a background thread; ``peak`` is the maximum seen."""
+def _call_with_peak_rss(fn: Callable[[], object], interval_s: float = 0.002) -> tuple[object, int]:
+    """``(fn(), peak resident set size in bytes while it ran)``, sampled in a background thread."""
+    peak = _rss_bytes()
+    done = threading.Event()
 
-    def __init__(self, interval_s: float = 0.002) -> None:
-        self.interval_s = interval_s
-        self.peak = _rss_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _rss_bytes())
+            time.sleep(interval_s)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_bytes())
-            time.sleep(self.interval_s)
-
-    def __enter__(self) -> "_PeakRss":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss_bytes())
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        result = fn()
+    finally:
+        done.set()
+        thread.join()
+    return result, max(peak, _rss_bytes())
 
 
-def _measure(variant: str, args: argparse.Namespace, results: "mp.Queue") -> None:
+def _measure(variant: str, args: argparse.Namespace, results: mp.Queue) -> None:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -82,9 +80,7 @@ def _measure(variant: str, args: argparse.Namespace, results: "mp.Queue") -> Non
     compiled = jax.jit(jax.value_and_grad(objective, argnums=(0, 1))).lower(hidden, weight).compile()
     memory = compiled.memory_analysis()
     baseline = _rss_bytes()
-    with _PeakRss() as rss:
-        value, (g_h, g_w) = jax.block_until_ready(compiled(hidden, weight))
-    del g_h, g_w
+    (value, _), peak = _call_with_peak_rss(lambda: jax.block_until_ready(compiled(hidden, weight)))
     times = []
     for _ in range(args.repeats):
         start = time.perf_counter()
@@ -95,7 +91,7 @@ def _measure(variant: str, args: argparse.Namespace, results: "mp.Queue") -> Non
             "variant": variant,
             "temp": memory.temp_size_in_bytes,
             "out": memory.output_size_in_bytes,
-            "rss": rss.peak - baseline,
+            "rss": peak - baseline,
             "time": statistics.median(times),
             "value": float(value),
         }
@@ -103,7 +99,9 @@ def _measure(variant: str, args: argparse.Namespace, results: "mp.Queue") -> Non
 
 
 def _parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batch", type=int, default=1, help="B (default 1)")
     parser.add_argument("--seq-len", type=int, default=2048, help="T (default 2048)")
     parser.add_argument("--hidden", type=int, default=896, help="H, hidden width (default 896)")
@@ -132,7 +130,9 @@ def main() -> None:
     )
     print(f"{'variant':<9} {'XLA temp MiB':>13} {'outputs MiB':>12} {'peak RSS+ MiB':>14} {'median s':>9}  value")
     for name, r in rows.items():
-        print(f"{name:<9} {r['temp'] / mib:>13.1f} {r['out'] / mib:>12.1f} {r['rss'] / mib:>14.1f} {r['time']:>9.3f}  {r['value']:.6g}")
+        print(
+            f"{name:<9} {r['temp'] / mib:>13.1f} {r['out'] / mib:>12.1f} {r['rss'] / mib:>14.1f} {r['time']:>9.3f}  {r['value']:.6g}"
+        )
     plain, chunked = rows["logits"], rows["chunked"]
     print(
         f"ratios logits/chunked: XLA temp {plain['temp'] / max(chunked['temp'], 1):.1f}x, "

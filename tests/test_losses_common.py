@@ -5,7 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from specs_jax.losses import get_loss, list_losses, register_loss, token_logps_from_hidden
+from specs_jax.losses import (
+    get_loss,
+    list_losses,
+    register_loss,
+    token_logps_from_hidden,
+)
 
 B, T, V = 4, 6, 9
 
@@ -26,9 +31,22 @@ def _calls(x: dict) -> dict:
     """name -> (function of the differentiated array, that array)."""
     index = np.tile(np.array([0, 0, 1, 1, 2, 2], np.int32), (B, 1))
     return {
-        "dpo_hybrid": (lambda lp: get_loss("dpo_hybrid")(lp, x["zeros"], x["zeros"], lp[::-1], x["mask"], x["mask"]), x["logps"]),
-        "grpo": (lambda lp: get_loss("grpo")(lp, x["zeros"], x["zeros"], jnp.array([1.0, -1.0, 2.0, -2.0]), x["mask"],
-                                             dual_clip=3.0, logits=x["logits"]), x["logps"]),
+        "dpo_hybrid": (
+            lambda lp: get_loss("dpo_hybrid")(lp, x["zeros"], x["zeros"], lp[::-1], x["mask"], x["mask"]),
+            x["logps"],
+        ),
+        "grpo": (
+            lambda lp: get_loss("grpo")(
+                lp,
+                x["zeros"],
+                x["zeros"],
+                jnp.array([1.0, -1.0, 2.0, -2.0]),
+                x["mask"],
+                dual_clip=3.0,
+                logits=x["logits"],
+            ),
+            x["logps"],
+        ),
         "grpo-no-ref": (lambda lp: get_loss("grpo")(lp, None, None, jnp.ones(B), x["mask"], kl_coef=0.0), x["logps"]),
         "opsd": (lambda s: get_loss("opsd")(s, x["teachers"][0], x["mask"], divergence="jsd", top_k=4), x["logits"]),
         "vigos": (lambda s: get_loss("vigos")(s, x["teachers"], index, x["mask"], token_clip=None), x["logits"]),
@@ -72,5 +90,7 @@ def test_token_logps_from_hidden_finite_gradients_on_extreme_hidden_states():
     hidden = (1e3 * rng.normal(size=(2, 3, 8))).astype(np.float32)
     weight = rng.normal(size=(50, 8)).astype(np.float32)
     labels = np.array([[0, 49, -100], [3, 3, 3]])
-    grads = jax.jit(jax.grad(lambda h, w: jnp.sum(token_logps_from_hidden(h, w, labels, chunk_size=16)), (0, 1)))(hidden, weight)
+    grads = jax.jit(jax.grad(lambda h, w: jnp.sum(token_logps_from_hidden(h, w, labels, chunk_size=16)), (0, 1)))(
+        hidden, weight
+    )
     assert all(np.all(np.isfinite(np.asarray(g))) for g in grads)

@@ -3,16 +3,15 @@
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 # trl is a test dependency: a missing trl must fail this module, never skip it.
-from trl.experimental.gkd import GKDTrainer  # noqa: E402
+from trl.experimental.gkd import GKDTrainer
 
-from specs_jax.losses import (  # noqa: E402
+from specs_jax.losses import (
     VIGOS_PERCEPTION,
     VIGOS_REASONING,
     VIGOS_REFERENCE,
@@ -37,11 +36,14 @@ def _mask() -> np.ndarray:
     return mask
 
 
-def _trl(student: np.ndarray, teacher: np.ndarray, mask: np.ndarray, beta: float, temperature: float) -> tuple[float, np.ndarray]:
+def _trl(
+    student: np.ndarray, teacher: np.ndarray, mask: np.ndarray, beta: float, temperature: float
+) -> tuple[float, np.ndarray]:
     s = torch.tensor(student, dtype=torch.float64, requires_grad=True)
     labels = torch.where(torch.tensor(mask) > 0, 1, -100)
-    loss = GKDTrainer.generalized_jsd_loss(s, torch.tensor(teacher, dtype=torch.float64), labels=labels, beta=beta,
-                                           temperature=temperature)
+    loss = GKDTrainer.generalized_jsd_loss(
+        s, torch.tensor(teacher, dtype=torch.float64), labels=labels, beta=beta, temperature=temperature
+    )
     loss.backward()
     return loss.item(), s.grad.numpy()
 
@@ -58,9 +60,11 @@ def _kl(p_logits: np.ndarray, q_logits: np.ndarray) -> np.ndarray:
 def test_jsd_matches_trl_gkd(beta, temperature):
     student, teacher, mask = _logits(0), _logits(1), _mask()
     exp_loss, exp_grad = _trl(student, teacher, mask, beta, temperature)
-    fn = jax.jit(jax.value_and_grad(
-        lambda s: opsd_loss(s, teacher, mask, divergence="jsd", beta=beta, temperature=temperature), has_aux=True
-    ))
+    fn = jax.jit(
+        jax.value_and_grad(
+            lambda s: opsd_loss(s, teacher, mask, divergence="jsd", beta=beta, temperature=temperature), has_aux=True
+        )
+    )
     (loss, metrics), grad = fn(student)
     np.testing.assert_allclose(loss, exp_loss, rtol=1e-5)
     np.testing.assert_allclose(metrics["divergence"], exp_loss, rtol=1e-5)
@@ -96,8 +100,9 @@ def test_token_clip_and_top_k():
     expected = _kl(np.take_along_axis(student, top, -1), np.take_along_axis(teacher, top, -1))
     loss, _ = opsd_loss(student, teacher, mask, top_k=k)
     np.testing.assert_allclose(loss, np.sum(expected * mask) / mask.sum(), rtol=1e-5)
-    np.testing.assert_allclose(opsd_loss(student, teacher, mask, top_k=V)[0], opsd_loss(student, teacher, mask)[0],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        opsd_loss(student, teacher, mask, top_k=V)[0], opsd_loss(student, teacher, mask)[0], rtol=1e-6
+    )
 
 
 def test_teacher_gets_no_gradient_and_bad_arguments_are_named():
@@ -122,7 +127,9 @@ def test_vigos_routes_each_token_to_its_teacher():
     for clip in (None, 0.3):
         d = chosen if clip is None else np.minimum(chosen, clip)
         expected = np.sum(np.asarray(weights)[index] * d * mask) / mask.sum()
-        loss, metrics = jax.jit(lambda s: vigos_loss(s, teachers, index, mask, weights=weights, token_clip=clip))(student)
+        loss, metrics = jax.jit(
+            lambda s, clip=clip: vigos_loss(s, teachers, index, mask, weights=weights, token_clip=clip)
+        )(student)
         np.testing.assert_allclose(loss, expected, rtol=1e-5)
     np.testing.assert_allclose(metrics["divergence/reference"], per_teacher[2][1, :4].mean(), rtol=1e-5)
     np.testing.assert_allclose(metrics["tokens/perception"], 2 / mask.sum(), rtol=1e-6)  # [2, 0] is masked
@@ -130,8 +137,9 @@ def test_vigos_routes_each_token_to_its_teacher():
     unused = np.zeros_like(index)
     swapped = teachers.copy()
     swapped[1:] = _logits(10, 2)
-    np.testing.assert_allclose(vigos_loss(student, teachers, unused, mask)[0], vigos_loss(student, swapped, unused, mask)[0],
-                               rtol=1e-7)
+    np.testing.assert_allclose(
+        vigos_loss(student, teachers, unused, mask)[0], vigos_loss(student, swapped, unused, mask)[0], rtol=1e-7
+    )
     with pytest.raises(ValueError, match="teacher_logits"):
         vigos_loss(student, teachers[:2], index, mask)
     with pytest.raises(ValueError, match="teacher_index"):

@@ -74,10 +74,12 @@ def _trl_reference(a: dict, beta: float, sft_weight: float, sft_norm: str, label
 def test_matches_trl_values_metrics_and_gradients(beta, sft_weight, sft_norm, label_smoothing):
     a = _batch(0)
     exp_loss, exp_metrics, exp_grads = _trl_reference(a, beta, sft_weight, sft_norm, label_smoothing)
-    kwargs = dict(beta=beta, sft_weight=sft_weight, sft_norm=sft_norm, label_smoothing=label_smoothing)
+    kwargs = {"beta": beta, "sft_weight": sft_weight, "sft_norm": sft_norm, "label_smoothing": label_smoothing}
 
     def loss_fn(pc, pr):
-        return dpo_hybrid_loss(pc, pr, a["ref_chosen_logps"], a["ref_rejected_logps"], a["chosen_mask"], a["rejected_mask"], **kwargs)
+        return dpo_hybrid_loss(
+            pc, pr, a["ref_chosen_logps"], a["ref_rejected_logps"], a["chosen_mask"], a["rejected_mask"], **kwargs
+        )
 
     (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True))(
         a["policy_chosen_logps"], a["policy_rejected_logps"]
@@ -93,8 +95,13 @@ def test_matches_trl_values_metrics_and_gradients(beta, sft_weight, sft_norm, la
 def test_policy_equal_to_reference_gives_ln2():
     a = _batch(1)
     loss, metrics = dpo_hybrid_loss(
-        a["policy_chosen_logps"], a["policy_rejected_logps"], a["policy_chosen_logps"], a["policy_rejected_logps"],
-        a["chosen_mask"], a["rejected_mask"], sft_weight=0.0,
+        a["policy_chosen_logps"],
+        a["policy_rejected_logps"],
+        a["policy_chosen_logps"],
+        a["policy_rejected_logps"],
+        a["chosen_mask"],
+        a["rejected_mask"],
+        sft_weight=0.0,
     )
     np.testing.assert_allclose(loss, math.log(2.0), rtol=1e-6)
     assert float(metrics["rewards/margins"]) == 0.0 and float(metrics["rewards/accuracies"]) == 0.0
@@ -103,16 +110,31 @@ def test_policy_equal_to_reference_gives_ln2():
 def test_reference_logps_get_no_gradient():
     a = _batch(2)
     grad = jax.grad(
-        lambda rc: dpo_hybrid_loss(a["policy_chosen_logps"], a["policy_rejected_logps"], rc, a["ref_rejected_logps"],
-                                   a["chosen_mask"], a["rejected_mask"])[0]
+        lambda rc: dpo_hybrid_loss(
+            a["policy_chosen_logps"],
+            a["policy_rejected_logps"],
+            rc,
+            a["ref_rejected_logps"],
+            a["chosen_mask"],
+            a["rejected_mask"],
+        )[0]
     )(a["ref_chosen_logps"])
     assert not np.any(np.asarray(grad))
 
 
 def test_bad_arguments_are_named():
     a = _batch(3)
-    args = [a[k] for k in ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps",
-                           "chosen_mask", "rejected_mask")]
+    args = [
+        a[k]
+        for k in (
+            "policy_chosen_logps",
+            "policy_rejected_logps",
+            "ref_chosen_logps",
+            "ref_rejected_logps",
+            "chosen_mask",
+            "rejected_mask",
+        )
+    ]
     with pytest.raises(ValueError, match="sft_norm"):
         dpo_hybrid_loss(*args, sft_norm="batch")
     with pytest.raises(ValueError, match="label_smoothing"):

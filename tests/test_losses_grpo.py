@@ -85,11 +85,28 @@ def test_matches_trl_verl_reference(loss_agg, estimator, eps_low, eps_high, beta
     if dual_clip is not None:  # push some ratios past the dual-clip constant
         old[:, ::3] = logps[:, ::3] - 1.5
     exp_loss, exp_grad, exp_metrics = _reference(
-        logps, old, ref, adv, mask, eps_low=eps_low, eps_high=eps_high, beta=beta, estimator=estimator,
-        loss_agg=loss_agg, max_len=max_len or logps.shape[1], dual_clip=dual_clip,
+        logps,
+        old,
+        ref,
+        adv,
+        mask,
+        eps_low=eps_low,
+        eps_high=eps_high,
+        beta=beta,
+        estimator=estimator,
+        loss_agg=loss_agg,
+        max_len=max_len or logps.shape[1],
+        dual_clip=dual_clip,
     )
-    kwargs = dict(eps_low=eps_low, eps_high=eps_high, kl_coef=beta, kl_estimator=estimator, loss_agg=loss_agg,
-                  max_completion_length=max_len, dual_clip=dual_clip)
+    kwargs = {
+        "eps_low": eps_low,
+        "eps_high": eps_high,
+        "kl_coef": beta,
+        "kl_estimator": estimator,
+        "loss_agg": loss_agg,
+        "max_completion_length": max_len,
+        "dual_clip": dual_clip,
+    }
     fn = jax.jit(jax.value_and_grad(lambda lp: grpo_loss(lp, old, ref, adv, mask, **kwargs), has_aux=True))
     (loss, metrics), grad = fn(logps)
     np.testing.assert_allclose(loss, exp_loss, rtol=1e-5, atol=1e-7)
@@ -113,13 +130,20 @@ def test_per_token_advantages_and_global_normaliser():
     # two micro-batches normalised by the global token count sum to the full-batch token mean
     half = mask.shape[0] // 2
     n_tok = mask.sum()
-    parts = [grpo_loss(logps[s], old[s], ref[s], adv[s], mask[s], num_items_in_batch=n_tok)[0]
-             for s in (slice(None, half), slice(half, None))]
+    parts = [
+        grpo_loss(logps[s], old[s], ref[s], adv[s], mask[s], num_items_in_batch=n_tok)[0]
+        for s in (slice(None, half), slice(half, None))
+    ]
     np.testing.assert_allclose(sum(parts), loss_b, rtol=1e-5)
-    parts = [grpo_loss(logps[s], old[s], ref[s], adv[s], mask[s], loss_agg="seq-mean-token-mean",
-                       num_items_in_batch=mask.shape[0])[0] for s in (slice(None, half), slice(half, None))]
-    np.testing.assert_allclose(sum(parts), grpo_loss(logps, old, ref, adv, mask, loss_agg="seq-mean-token-mean")[0],
-                               rtol=1e-5)
+    parts = [
+        grpo_loss(
+            logps[s], old[s], ref[s], adv[s], mask[s], loss_agg="seq-mean-token-mean", num_items_in_batch=mask.shape[0]
+        )[0]
+        for s in (slice(None, half), slice(half, None))
+    ]
+    np.testing.assert_allclose(
+        sum(parts), grpo_loss(logps, old, ref, adv, mask, loss_agg="seq-mean-token-mean")[0], rtol=1e-5
+    )
 
 
 def test_on_policy_equals_reference_gives_ratio_one_and_zero_kl():

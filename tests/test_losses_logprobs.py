@@ -23,7 +23,9 @@ def test_token_logps_matches_float64_log_softmax():
     z = logits.astype(np.float64) / 0.7
     log_z = np.log(np.sum(np.exp(z - z.max(-1, keepdims=True)), axis=-1)) + z.max(-1)
     expected = np.take_along_axis(z, labels[..., None], axis=-1)[..., 0] - log_z
-    np.testing.assert_allclose(token_logps(jnp.asarray(logits), jnp.asarray(labels), 0.7), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        token_logps(jnp.asarray(logits), jnp.asarray(labels), 0.7), expected, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_token_logps_negative_labels_read_token_zero():
@@ -65,7 +67,12 @@ def test_chunked_bf16_inputs_keep_dtypes_of_gradients():
         return jnp.sum(token_logps_from_hidden(h, w, labels, chunk_size=128))
 
     reference = token_logps(np.einsum("bth,vh->btv", np.asarray(h16, np.float32), np.asarray(w16, np.float32)), labels)
-    np.testing.assert_allclose(jax.jit(token_logps_from_hidden, static_argnums=(3, 4))(h16, w16, labels, 1.0, 128), reference, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        jax.jit(token_logps_from_hidden, static_argnums=(3, 4))(h16, w16, labels, 1.0, 128),
+        reference,
+        rtol=1e-4,
+        atol=1e-4,
+    )
     gh, gw = jax.jit(jax.grad(chunked, (0, 1)))(h16, w16)
     assert gh.dtype == jnp.bfloat16 and gw.dtype == jnp.bfloat16
 

@@ -14,17 +14,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from specs_jax.losses._masking import check_choice, check_shapes, masked_mean, masked_sum
+from specs_jax.losses._masking import (
+    check_choice,
+    check_shapes,
+    masked_mean,
+    masked_sum,
+)
 from specs_jax.losses.registry import register_loss
 
 __all__ = [
-    "opsd_loss",
-    "vigos_loss",
-    "vigos_teacher_index",
-    "vigos_description_end",
     "VIGOS_PERCEPTION",
     "VIGOS_REASONING",
     "VIGOS_REFERENCE",
+    "opsd_loss",
+    "vigos_description_end",
+    "vigos_loss",
+    "vigos_teacher_index",
 ]
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
@@ -67,7 +72,9 @@ def _clip_metrics(divergence: jax.Array, mask: jax.Array, token_clip: float | No
     return metrics
 
 
-def _check_common(fn: str, student_logits: jax.Array, mask: jax.Array, temperature: float, token_clip: float | None) -> None:
+def _check_common(
+    fn: str, student_logits: jax.Array, mask: jax.Array, temperature: float, token_clip: float | None
+) -> None:
     if student_logits.ndim != 3 or student_logits.shape[:2] != mask.shape:
         raise ValueError(
             f"{fn}: student_logits {student_logits.shape} must be [B, T, V] and mask {mask.shape} must be [B, T]"
@@ -138,8 +145,8 @@ def opsd_loss(
         t = jnp.take_along_axis(t, idx, axis=-1)
     s_logp = jax.nn.log_softmax(s, axis=-1)
     t_logp = jax.nn.log_softmax(t, axis=-1)
-    beta = {"forward_kl": 0.0, "reverse_kl": 1.0, "jsd": beta}[divergence]
-    per_token = _generalized_jsd(s_logp, t_logp, beta)
+    mix = {"forward_kl": 0.0, "reverse_kl": 1.0, "jsd": beta}[divergence]
+    per_token = _generalized_jsd(s_logp, t_logp, mix)
     clipped = per_token if token_clip is None else jnp.minimum(per_token, token_clip)
     metrics = _clip_metrics(per_token, mask, token_clip)
     return _token_mean(clipped, mask, num_items_in_batch), jax.tree.map(jax.lax.stop_gradient, metrics)

@@ -5,7 +5,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from specs_jax.losses._masking import check_choice, check_shapes, masked_mean, masked_sum
+from specs_jax.losses._masking import (
+    check_choice,
+    check_shapes,
+    masked_mean,
+    masked_sum,
+)
 from specs_jax.losses.registry import register_loss
 
 __all__ = ["group_advantages", "grpo_loss"]
@@ -110,6 +115,7 @@ def grpo_loss(
     ``num_items_in_batch`` (the global token count for ``token-mean``, the global sequence count
     for the ``seq-*`` modes) to normalise over a whole generation batch split into
     gradient-accumulation steps, so that summing the micro-batch losses gives the global value.
+    (Under ``jit`` with a sharded batch the counts are already global across devices.)
 
     KL estimators with ``d = clip(ref_logp - logp, -20, 20)``: ``k1 = -d``, ``k2 = d^2/2``,
     ``k3 = exp(d) - d - 1``. ``old_logps``, ``ref_logps`` and ``advantages`` carry no gradient.
@@ -173,12 +179,12 @@ def grpo_loss(
 
     def aggregate(x: jax.Array) -> jax.Array:
         if loss_agg == "token-mean":
-            n_tok = jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0) if num_items_in_batch is None else num_items_in_batch
-            return masked_sum(x, mask) / n_tok
-        n_seq = batch if num_items_in_batch is None else num_items_in_batch
-        if loss_agg == "seq-mean-token-mean":
-            return jnp.sum(masked_mean(x, mask, axis=-1)) / n_seq
-        return masked_sum(x, mask) / (n_seq * (max_completion_length or length))
+            total, count = masked_sum(x, mask), jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
+        elif loss_agg == "seq-mean-token-mean":
+            total, count = jnp.sum(masked_mean(x, mask, axis=-1)), batch
+        else:
+            total, count = masked_sum(x, mask) / (max_completion_length or length), batch
+        return total / (count if num_items_in_batch is None else num_items_in_batch)
 
     low = (ratio < 1.0 - eps_low) & (adv < 0)
     high = (ratio > 1.0 + eps_high) & (adv > 0)

@@ -84,9 +84,7 @@ def _logsumexp_chunked(h: jax.Array, w: jax.Array, temperature: float, chunk_siz
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _flat_token_logps(
-    h: jax.Array, w: jax.Array, labels: jax.Array, temperature: float, chunk_size: int
-) -> jax.Array:
+def _flat_token_logps(h: jax.Array, w: jax.Array, labels: jax.Array, temperature: float, chunk_size: int) -> jax.Array:
     return _flat_token_logps_fwd(h, w, labels, temperature, chunk_size)[0]
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TypeVar
 
-__all__ = ["register_loss", "get_loss", "list_losses"]
+__all__ = ["get_loss", "list_losses", "register_loss"]
 
 LossFn = TypeVar("LossFn", bound=Callable)
 
@@ -27,7 +27,9 @@ def register_loss(name: str) -> Callable[[LossFn], LossFn]:
 
     def decorator(fn: LossFn) -> LossFn:
         if name in _LOSSES and _LOSSES[name] is not fn:
-            raise ValueError(f"loss {name!r} is already registered (by {_LOSSES[name].__module__}.{_LOSSES[name].__name__})")
+            raise ValueError(
+                f"loss {name!r} is already registered (by {_LOSSES[name].__module__}.{_LOSSES[name].__name__})"
+            )
         _LOSSES[name] = fn
         return fn
 
