@@ -6,10 +6,11 @@ Both variants compute value and gradient (w.r.t. the hidden states and the lm-he
 - ``logits``:  ``token_logps(hidden @ W.T, labels)``, materialising ``[B, T, V]`` logits;
 - ``chunked``: ``token_logps_from_hidden(hidden, W, labels, chunk_size=...)``.
 
-Each variant runs in a fresh process (so one cannot inherit the other's allocations) and reports
-the XLA temp allocation of the compiled program (``memory_analysis().temp_size_in_bytes``), the
-peak resident-memory increase while it runs (sampled from /proc/self/statm, Linux), and the
-median wall time of the jitted step. Example::
+Memory is measured for each variant in a fresh process (so one cannot inherit the other's
+allocations): the XLA temp allocation of the compiled program (``memory_analysis()``) and the peak
+resident-memory increase during one step (sampled from /proc/self/statm, Linux). Time is the
+median and minimum over ``--repeats`` steps of each variant, run in alternation in one process so
+both see the same machine load. Example::
 
     python scripts/bench_losses.py --batch 1 --seq-len 2048 --hidden 896 --repeats 3
 """
@@ -23,6 +24,9 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
+
+VARIANTS = ("logits", "chunked")
 
 
 def _rss_bytes() -> int:
@@ -51,7 +55,8 @@ def _call_with_peak_rss(fn: Callable[[], object], interval_s: float = 0.002) -> 
     return result, max(peak, _rss_bytes())
 
 
-def _measure(variant: str, args: argparse.Namespace, results: mp.Queue) -> None:
+def _build(variant: str, args: argparse.Namespace) -> tuple[Any, tuple[Any, Any]]:
+    """(compiled value-and-grad step, (hidden, weight)) for one variant."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -78,24 +83,51 @@ def _measure(variant: str, args: argparse.Namespace, results: mp.Queue) -> None:
             return jnp.sum(cot * logps)
 
     compiled = jax.jit(jax.value_and_grad(objective, argnums=(0, 1))).lower(hidden, weight).compile()
+    return compiled, (hidden, weight)
+
+
+def _measure_memory(variant: str, args: argparse.Namespace, results: mp.Queue) -> None:
+    """In a fresh process: XLA temp/output sizes and the peak RSS increase of one step."""
+    import jax
+
+    compiled, inputs = _build(variant, args)
     memory = compiled.memory_analysis()
     baseline = _rss_bytes()
-    (value, _), peak = _call_with_peak_rss(lambda: jax.block_until_ready(compiled(hidden, weight)))
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(hidden, weight))
-        times.append(time.perf_counter() - start)
+    (value, _), peak = _call_with_peak_rss(lambda: jax.block_until_ready(compiled(*inputs)))
     results.put(
         {
-            "variant": variant,
             "temp": memory.temp_size_in_bytes,
             "out": memory.output_size_in_bytes,
             "rss": peak - baseline,
-            "time": statistics.median(times),
             "value": float(value),
         }
     )
+
+
+def _measure_time(args: argparse.Namespace, results: mp.Queue) -> None:
+    """Both variants in one process, timed in alternation so that they see the same machine load."""
+    import jax
+
+    steps = {variant: _build(variant, args) for variant in VARIANTS}
+    for compiled, inputs in steps.values():
+        jax.block_until_ready(compiled(*inputs))  # warm-up
+    times: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
+    for _ in range(args.repeats):
+        for variant, (compiled, inputs) in steps.items():
+            start = time.perf_counter()
+            jax.block_until_ready(compiled(*inputs))
+            times[variant].append(time.perf_counter() - start)
+    results.put(times)
+
+
+def _in_fresh_process(target: Callable[..., None], *args: object) -> Any:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(*args, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
 
 
 def _parse_args() -> argparse.Namespace:
@@ -109,35 +141,32 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--chunk-size", type=int, default=8192, help="vocabulary rows per chunk (default 8192)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="hidden/weight dtype")
     parser.add_argument("--temperature", type=float, default=1.0, help="logit temperature (default 1.0)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs after the first (default 3)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per variant after a warm-up (default 3)")
     return parser.parse_args()
 
 
 def main() -> None:
     args = _parse_args()
-    ctx = mp.get_context("spawn")
-    rows = {}
-    for variant in ("logits", "chunked"):
-        queue = ctx.Queue()
-        proc = ctx.Process(target=_measure, args=(variant, args, queue))
-        proc.start()
-        rows[variant] = queue.get()
-        proc.join()
+    rows = {variant: _in_fresh_process(_measure_memory, variant, args) for variant in VARIANTS}
+    times = _in_fresh_process(_measure_time, args)
     mib = 2**20
     print(
         f"B={args.batch} T={args.seq_len} H={args.hidden} V={args.vocab} chunk={args.chunk_size} "
         f"dtype={args.dtype}: value+grad of sum(g * token log-probs) incl. the lm-head matmul"
     )
-    print(f"{'variant':<9} {'XLA temp MiB':>13} {'outputs MiB':>12} {'peak RSS+ MiB':>14} {'median s':>9}  value")
+    print(f"{'variant':<8} {'XLA temp MiB':>12} {'outputs MiB':>11} {'peak RSS+ MiB':>13} {'median s':>8} {'min s':>7}")
     for name, r in rows.items():
+        median, fastest = statistics.median(times[name]), min(times[name])
         print(
-            f"{name:<9} {r['temp'] / mib:>13.1f} {r['out'] / mib:>12.1f} {r['rss'] / mib:>14.1f} {r['time']:>9.3f}  {r['value']:.6g}"
+            f"{name:<8} {r['temp'] / mib:>12.1f} {r['out'] / mib:>11.1f} {r['rss'] / mib:>13.1f} "
+            f"{median:>8.2f} {fastest:>7.2f}"
         )
     plain, chunked = rows["logits"], rows["chunked"]
     print(
-        f"ratios logits/chunked: XLA temp {plain['temp'] / max(chunked['temp'], 1):.1f}x, "
-        f"peak RSS increase {plain['rss'] / max(chunked['rss'], 1):.1f}x, time {plain['time'] / chunked['time']:.2f}x "
-        f"(>1 means chunked is faster); |value difference| {abs(plain['value'] - chunked['value']):.3g}"
+        f"logits/chunked ratios: XLA temp {plain['temp'] / max(chunked['temp'], 1):.1f}x, "
+        f"peak RSS increase {plain['rss'] / max(chunked['rss'], 1):.1f}x, "
+        f"median time {statistics.median(times['logits']) / statistics.median(times['chunked']):.2f}x "
+        f"(> 1: chunked is faster); |loss difference| {abs(plain['value'] - chunked['value']):.3g}"
     )
 
 
