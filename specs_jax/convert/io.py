@@ -28,14 +28,14 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from specs_jax.convert.safetensors_io import TensorInfo, read_header, read_tensor, write_file
+from specs_jax.convert.safetensors_io import StreamWriter, TensorInfo, read_header, read_tensor
 from specs_jax.model.config import ModelConfig, load_config
 from specs_jax.model.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 
@@ -45,6 +45,9 @@ CARRIED_FILES = re.compile(
     r"^(tokenizer.*|vocab.*|merges\.txt|special_tokens_map\.json|added_tokens\.json|chat_template\..*|"
     r".*preprocessor_config\.json|processor_config\.json|generation_config\.json)$")
 MAX_SHARD_BYTES = 5 * 1024**3
+# Orbax's in-flight budget while saving/restoring is the largest single array (it must fit one),
+# which bounds conversion memory to ~1x the checkpoint plus that array.
+MIN_CONCURRENT_BYTES = 64 * 1024**2
 
 
 class CheckpointError(ValueError):
@@ -150,7 +153,9 @@ def iter_hf_params(path: Path, cfg: ModelConfig, dtype: np.dtype | None = None) 
     memory at a time besides the caller's. ``dtype`` casts (default: the checkpoint's dtype)."""
     index = hf_tensor_index(path)
     check_tensors(cfg, {n: info.shape for n, info in index.items()})
-    for key, spec in param_specs(cfg).items():
+    # Largest first: the last reads, when the most is already held, are then the smallest.
+    specs = sorted(param_specs(cfg).items(), key=lambda kv: -int(np.prod(kv[1].shape)))
+    for key, spec in specs:
         names = hf_names(key, spec.shape)
         infos = [index[n] for n, _ in names]
         src = infos[0].dtype
@@ -163,10 +168,19 @@ def iter_hf_params(path: Path, cfg: ModelConfig, dtype: np.dtype | None = None) 
         yield key, arr if dtype is None or arr.dtype == dtype else arr.astype(dtype)
 
 
-def restore_orbax_params(path: Path) -> dict[str, np.ndarray]:
+def _checkpointer(largest_array_bytes: int):
     import orbax.checkpoint as ocp
 
-    with ocp.StandardCheckpointer() as ckpt:
+    gb = (max(largest_array_bytes, MIN_CONCURRENT_BYTES) + 2**20) / 1e9  # Orbax needs strictly more
+    # No compression: weights barely compress, and the compressed copy of an in-flight array
+    # would add another array's worth of memory.
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(save_concurrent_gb=gb, restore_concurrent_gb=gb,
+                                                        use_compression=False))
+
+
+def restore_orbax_params(path: Path, cfg: ModelConfig) -> dict[str, jax.Array]:
+    largest = max(int(np.prod(s.shape)) for s in param_specs(cfg).values()) * 4
+    with _checkpointer(largest) as ckpt:
         return dict(ckpt.restore((path / "params").absolute()))
 
 
@@ -189,7 +203,7 @@ def load_model(path: str | os.PathLike, dtype: str = "float32", *, param_dtype: 
     path = Path(path)
     cfg = load_config(path, dtype=dtype, param_dtype=param_dtype, remat=remat)
     if _is_orbax_dir(path):
-        params = restore_orbax_params(path)
+        params = restore_orbax_params(path, cfg)
         check_tensors(cfg, {n: s for k, v in params.items() for n, s in hf_names(k, v.shape)})
         return _build(cfg, params)
     if _is_hf_dir(path):
@@ -242,14 +256,27 @@ def _np_dtype(dtype: str | None) -> np.dtype | None:
     return None if dtype is None else np.dtype(jnp.dtype(dtype))
 
 
-def save_orbax(out: Path, cfg: ModelConfig, params: dict[str, np.ndarray]) -> None:
-    """Write an Orbax checkpoint of ``params`` (``{state path: array}``) and the config into ``out``."""
+def save_orbax(out: Path, cfg: ModelConfig, params: dict[str, jax.Array]) -> None:
+    """Write an Orbax checkpoint of ``params`` (``{state path: jax.Array}``) and the config into ``out``.
+
+    Pass jax arrays, not numpy: Orbax copies a numpy tree whole before writing, but streams jax
+    arrays within its ``save_concurrent_gb`` budget.
+    """
     import orbax.checkpoint as ocp
 
     (out / "config.json").write_text(json.dumps(cfg.hf_config, indent=2))
-    with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(out / "params", params)
+    with _checkpointer(max(v.nbytes for v in params.values())) as ckpt:
+        ckpt.save(out / "params", args=ocp.args.PyTreeSave(params))
     (out / "specs_jax.json").write_text(json.dumps(FORMAT))
+
+
+def _to_jax(arr: np.ndarray) -> jax.Array:
+    """Hand a numpy buffer to JAX without a copy where dlpack can (not bfloat16: numpy's dlpack
+    export knows no such dtype, so those are copied)."""
+    try:
+        return jax.dlpack.from_dlpack(arr)
+    except (BufferError, TypeError):
+        return jax.device_put(arr)
 
 
 def hf_to_orbax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str | None = None,
@@ -258,79 +285,117 @@ def hf_to_orbax(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: st
     src = Path(hf_dir)
     cfg = load_config(src)
     cfg = cfg.replace(hf_config=_config_with_dtype(cfg.hf_config, dtype))
-    params = dict(iter_hf_params(src, cfg, _np_dtype(dtype)))
+    params = {key: _to_jax(arr) for key, arr in iter_hf_params(src, cfg, _np_dtype(dtype))}
     with atomic_output_dir(out_dir, overwrite) as tmp:
         save_orbax(tmp, cfg, params)
         _carry_files(src, tmp)
     return Path(out_dir)
 
 
-def iter_hf_tensors(params: dict[str, np.ndarray], cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
-    """On-disk HF ``(name, array)`` pairs of a ``{state path: array}`` tree (stacked entries split per
-    layer, as views)."""
-    for key, arr in params.items():
-        names = hf_names(key, arr.shape)
-        if len(names) == 1 and names[0][0] == key:
-            yield disk_hf_name(key), arr
-        else:
-            for i, (name, _) in enumerate(names):
-                yield disk_hf_name(name), arr[i]
+class HFTensor(NamedTuple):
+    """One tensor of an HF checkpoint: its on-disk name and where it lives in the state tree."""
+
+    name: str
+    key: str  # state path
+    layer: int | None  # index into the stacked ``layers`` axis, or None
+    shape: tuple[int, ...]
+    dtype: np.dtype
 
 
-def write_hf_weights(out: Path, tensors: Iterator[tuple[str, np.ndarray]],
+def hf_plan(cfg: ModelConfig, dtypes: dict[str, np.dtype]) -> list[HFTensor]:
+    """The HF tensors of a ``{state path: dtype}`` tree, in state order."""
+    plan = []
+    for key, spec in param_specs(cfg).items():
+        names = hf_names(key, spec.shape)
+        stacked = not (len(names) == 1 and names[0][0] == key)
+        for i, (name, shape) in enumerate(names):
+            plan.append(HFTensor(disk_hf_name(name), key, i if stacked else None, tuple(shape), np.dtype(dtypes[key])))
+    return plan
+
+
+def write_hf_weights(out: Path, plan: list[HFTensor], fetch: Callable[[str], np.ndarray],
                      max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
-    """Write ``model.safetensors`` or, past ``max_shard_bytes``, numbered shards plus the index."""
-    shards: list[list[tuple[str, np.ndarray]]] = [[]]
+    """Write ``model.safetensors`` or, past ``max_shard_bytes``, numbered shards plus the index.
+
+    ``fetch(key)`` returns the array of one state entry; it is called once per entry, in plan
+    order, and only that entry is held while its tensors are written.
+    """
+    shards: list[list[HFTensor]] = [[]]
     size = 0
-    total = 0
-    for name, arr in tensors:
-        if shards[-1] and size + arr.nbytes > max_shard_bytes:
+    for t in plan:
+        nbytes = int(np.prod(t.shape, dtype=np.int64)) * t.dtype.itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append([])
             size = 0
-        shards[-1].append((name, arr))
-        size += arr.nbytes
-        total += arr.nbytes
-    if len(shards) == 1:
-        write_file(out / "model.safetensors", shards[0])
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        write_file(out / file, shard)
-        weight_map.update({name: file for name, _ in shard})
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        shards[-1].append(t)
+        size += nbytes
+    files = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    current_key, current = None, None
+    total = 0
+    for file, shard in zip(files, shards):
+        with StreamWriter(out / file, [(t.name, t.dtype, t.shape) for t in shard]) as writer:
+            for t in shard:
+                if t.key != current_key:
+                    current_key, current = t.key, None  # drop the previous entry before fetching
+                    current = fetch(t.key)
+                writer.write(t.name, current if t.layer is None else current[t.layer])
+            total += writer.nbytes
+    if len(shards) > 1:
+        weight_map = {t.name: file for file, shard in zip(files, shards) for t in shard}
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def save_hf(out: Path, cfg: ModelConfig, params: dict[str, np.ndarray], max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+def save_hf(out: Path, cfg: ModelConfig, params: dict[str, jax.Array | np.ndarray],
+            max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
     """Write an HF directory (config.json + safetensors) that ``from_pretrained`` loads."""
     (out / "config.json").write_text(json.dumps(cfg.hf_config, indent=2))
-    write_hf_weights(out, iter_hf_tensors(params, cfg), max_shard_bytes)
+    plan = hf_plan(cfg, {k: v.dtype for k, v in params.items()})
+    write_hf_weights(out, plan, lambda key: np.asarray(params[key]), max_shard_bytes)
 
 
 def orbax_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str | None = None,
                 overwrite: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
-    """Convert a specs-jax Orbax checkpoint to an HF directory (``dtype`` casts)."""
+    """Convert a specs-jax Orbax checkpoint to an HF directory (``dtype`` casts).
+
+    Streams: each state entry is restored on its own (Orbax partial restore), written, and
+    dropped, so memory holds one entry at a time.
+    """
+    import orbax.checkpoint as ocp
+
     src = Path(ckpt_dir)
     if not _is_orbax_dir(src):
         raise FileNotFoundError(f"{src}: not a specs-jax Orbax checkpoint (needs specs_jax.json and params/)")
     cfg = load_config(src)
-    params = restore_orbax_params(src)
-    check_tensors(cfg, {n: s for k, v in params.items() for n, s in hf_names(k, v.shape)})
+    params_dir = (src / "params").absolute()
+    with _checkpointer(0) as ckpt:
+        stored = dict(ckpt.metadata(params_dir).item_metadata.tree)
+    check_tensors(cfg, {n: s for k, m in stored.items() for n, s in hf_names(k, tuple(m.shape))})
     to = _np_dtype(dtype)
-    if to is not None:
-        params = {k: v.astype(to) for k, v in params.items()}
+    plan = hf_plan(cfg, {k: to or np.dtype(m.dtype) for k, m in stored.items()})
+    largest = max(int(np.prod(m.shape)) * np.dtype(m.dtype).itemsize for m in stored.values())
+
+    def fetch(key: str) -> np.ndarray:
+        with _checkpointer(largest) as ckpt:
+            item = {key: np.zeros((), np.dtype(stored[key].dtype))}
+            args = ocp.args.PyTreeRestore(item=item, partial_restore=True,
+                                          restore_args={key: ocp.RestoreArgs(restore_type=np.ndarray)})
+            arr = ckpt.restore(params_dir, args=args)[key]
+        return arr if to is None else arr.astype(to)
+
     cfg = cfg.replace(hf_config=_config_with_dtype(cfg.hf_config, dtype))
     with atomic_output_dir(out_dir, overwrite) as tmp:
-        save_hf(tmp, cfg, params, max_shard_bytes)
+        (tmp / "config.json").write_text(json.dumps(cfg.hf_config, indent=2))
+        write_hf_weights(tmp, plan, fetch, max_shard_bytes)
         _carry_files(src, tmp)
     return Path(out_dir)
 
 
-def model_params(model: Qwen2_5_VLForConditionalGeneration) -> dict[str, np.ndarray]:
-    """``{state path: numpy array}`` of a model's parameters (for saving)."""
+def model_params(model: Qwen2_5_VLForConditionalGeneration) -> dict[str, jax.Array]:
+    """``{state path: jax.Array}`` of a model's parameters (for saving)."""
     state = nnx.state(model, nnx.Param)
-    return {state_key(p): np.asarray(jax.device_get(v.get_value())) for p, v in nnx.to_flat_state(state)}
+    return {state_key(p): v.get_value() for p, v in nnx.to_flat_state(state)}
 
 
 def save_model(model: Qwen2_5_VLForConditionalGeneration, out_dir: str | os.PathLike, fmt: str = "orbax",

@@ -75,22 +75,56 @@ def read_tensor(info: TensorInfo, out: np.ndarray | None = None) -> np.ndarray:
     return out
 
 
+class StreamWriter:
+    """Write a safetensors file whose tensor list (names, dtypes, shapes) is known up front, one
+    tensor at a time in that order, so only the tensor being written needs to be in memory."""
+
+    def __init__(self, path: str | Path, entries: list[tuple[str, np.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
+        offset = 0
+        for name, dtype, shape in entries:
+            dtype = np.dtype(dtype)
+            if dtype not in CODES:
+                raise ValueError(f"tensor {name!r}: dtype {dtype} cannot be written to safetensors")
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            header[name] = {"dtype": CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # align the data to 8 bytes, as the reference writer does
+        self.pending = [(name, np.dtype(dtype), tuple(shape)) for name, dtype, shape in entries]
+        self.nbytes = offset
+        self.file = open(path, "wb")
+        self.file.write(struct.pack("<Q", len(blob)))
+        self.file.write(blob)
+
+    def write(self, name: str, arr: np.ndarray) -> None:
+        if not self.pending:
+            raise ValueError(f"tensor {name!r}: nothing more was declared for {self.file.name}")
+        want = self.pending.pop(0)
+        if (name, arr.dtype, tuple(arr.shape)) != want:
+            raise ValueError(f"expected tensor {want}, got {(name, arr.dtype, tuple(arr.shape))}")
+        self.file.write(memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8)))
+
+    def close(self) -> None:
+        self.file.close()
+        if self.pending:
+            raise ValueError(f"{self.file.name}: {len(self.pending)} declared tensors were not written")
+
+    def __enter__(self) -> "StreamWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self.close()
+        else:
+            self.file.close()
+
+
 def write_file(path: str | Path, tensors: Iterable[tuple[str, np.ndarray]], metadata: dict[str, str] | None = None) -> int:
     """Write ``(name, array)`` pairs to ``path`` without copying the arrays; returns the data size."""
-    items = [(name, np.ascontiguousarray(arr)) for name, arr in tensors]
-    header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
-    offset = 0
-    for name, arr in items:
-        if arr.dtype not in CODES:
-            raise ValueError(f"tensor {name!r}: dtype {arr.dtype} cannot be written to safetensors")
-        header[name] = {"dtype": CODES[arr.dtype], "shape": list(arr.shape),
-                        "data_offsets": [offset, offset + arr.nbytes]}
-        offset += arr.nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # align the data to 8 bytes, as the reference writer does
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for _, arr in items:
-            f.write(memoryview(arr.reshape(-1).view(np.uint8)))
-    return offset
+    items = list(tensors)
+    with StreamWriter(path, [(n, a.dtype, a.shape) for n, a in items], metadata) as writer:
+        for name, arr in items:
+            writer.write(name, arr)
+    return writer.nbytes
