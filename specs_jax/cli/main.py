@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from specs_jax.cli import convert
+from specs_jax.cli import convert, init
 
-COMMANDS = (convert,)
+COMMANDS = (init, convert)
 
 
 def build_parser() -> argparse.ArgumentParser:
