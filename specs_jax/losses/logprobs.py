@@ -146,14 +146,16 @@ def token_logps_from_hidden(
     Gradients flow to ``hidden`` and ``lm_head_weight``; the matmuls accumulate in float32.
 
     Memory beyond the inputs: O(B*T*chunk_size + B*T*H) floats, plus the ``[V, H]`` weight gradient
-    when it is requested. Compute: one extra logits matmul (the backward recomputes the chunks).
+    when it is requested. Compute: one extra logits matmul (the backward recomputes the chunks),
+    i.e. 4 instead of 3 ``B*T x H x V`` matmuls for value and gradient. The custom VJP supports
+    first-order reverse mode (``jax.grad``/``jax.vjp``), not forward mode or higher orders.
 
     Args:
       hidden: ``[B, T, H]`` final hidden states (after the final norm).
       lm_head_weight: ``[V, H]``, HF layout of ``lm_head.weight`` / ``embed_tokens.weight``.
       labels: ``[B, T]`` integer token ids aligned with ``hidden``.
-      temperature: sampling temperature the logits are divided by.
-      chunk_size: vocabulary rows per chunk (static).
+      temperature: sampling temperature the logits are divided by (a Python number, static).
+      chunk_size: vocabulary rows per chunk (static); the last chunk may be smaller.
 
     Returns:
       ``[B, T]`` float32 log-probabilities.
