@@ -3,11 +3,11 @@
 from specs_jax.model.config import (ConfigError, ModelConfig, TextConfig, VisionConfig, from_hf_dict, list_presets,
                                     load_config, load_preset)
 from specs_jax.model.positions import get_rope_index, vision_layout
-from specs_jax.model.qwen2_5_vl import (ModelInputs, Qwen2_5_VLForConditionalGeneration, VisionInputs,
+from specs_jax.model.qwen2_5_vl import (KVCache, ModelInputs, Qwen2_5_VLForConditionalGeneration, VisionInputs,
                                         prepare_inputs)
 
 __all__ = [
     "ConfigError", "ModelConfig", "TextConfig", "VisionConfig", "from_hf_dict", "list_presets", "load_config",
-    "load_preset", "get_rope_index", "vision_layout", "ModelInputs", "Qwen2_5_VLForConditionalGeneration",
+    "load_preset", "get_rope_index", "vision_layout", "KVCache", "ModelInputs", "Qwen2_5_VLForConditionalGeneration",
     "VisionInputs", "prepare_inputs",
 ]

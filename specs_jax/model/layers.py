@@ -119,19 +119,20 @@ REMAT = {
 }
 
 
-def scan_layers(layers: nnx.Module, carry: jax.Array, xs, body: Callable, remat: str = "none") -> jax.Array:
-    """Apply stacked layers one at a time: ``carry = body(layer_i, carry, xs_i)`` under ``lax.scan``.
+def scan_layers(layers: nnx.Module, carry: jax.Array, xs, body: Callable, remat: str = "none"):
+    """Apply stacked layers one at a time: ``carry, y_i = body(layer_i, carry, xs_i)`` under ``lax.scan``.
 
     ``layers`` holds parameters with a leading ``layers`` axis; compile time does not grow with
-    depth. ``remat`` (``none``/``full``/``dots``) wraps each layer in ``jax.checkpoint``.
+    depth. ``xs`` (or None) is sliced along its leading axis like the parameters; the per-layer
+    outputs ``y_i`` are stacked (e.g. a KV cache). ``remat`` (``none``/``full``/``dots``) wraps
+    each layer in ``jax.checkpoint``. Returns ``(carry, ys)``.
     """
     graphdef, state = nnx.split(layers)
 
     def step(h, inputs):
         layer_state, x = inputs
-        return body(nnx.merge(graphdef, layer_state), h, x), None
+        return body(nnx.merge(graphdef, layer_state), h, x)
 
     if remat != "none":
         step = jax.checkpoint(step, policy=REMAT[remat], prevent_cse=False)
-    carry, _ = jax.lax.scan(step, carry, (state, xs))
-    return carry
+    return jax.lax.scan(step, carry, (state, xs))

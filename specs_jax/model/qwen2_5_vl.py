@@ -40,6 +40,19 @@ class VisionInputs(NamedTuple):
     unpermute: jax.Array  # [N / merge**2]
 
 
+class KVCache(NamedTuple):
+    """Static-shape key/value cache of all decoder layers: ``k, v [layers, B, S, kv_heads, head_dim]``."""
+
+    k: jax.Array
+    v: jax.Array
+
+    @classmethod
+    def zeros(cls, cfg: ModelConfig, batch: int, size: int) -> "KVCache":
+        t = cfg.text
+        shape = (t.num_hidden_layers, batch, size, t.num_key_value_heads, t.head_dim)
+        return cls(jnp.zeros(shape, _dtype(cfg.dtype)), jnp.zeros(shape, _dtype(cfg.dtype)))
+
+
 class ModelInputs(NamedTuple):
     """A prepared batch: token ids, M-RoPE positions, padding mask, optional images."""
 
@@ -198,9 +211,9 @@ class VisionTransformer(nnx.Module):
         image_mask = vis.image_segment[:, None] == vis.image_segment[None, :]
 
         def body(block, h, is_full):
-            return block(h, cos, sin, jnp.where(is_full, image_mask, window_mask))
+            return block(h, cos, sin, jnp.where(is_full, image_mask, window_mask)), None
 
-        x = scan_layers(self.blocks, x, jnp.asarray(self.full_attention), body, self.remat)
+        x, _ = scan_layers(self.blocks, x, jnp.asarray(self.full_attention), body, self.remat)
         return self.merger(x)[vis.unpermute]
 
 
@@ -225,10 +238,17 @@ class Attention(nnx.Module):
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
-    def __call__(self, x, cos, sin, mask):
+    def __call__(self, x, cos, sin, mask, cache: tuple[jax.Array, jax.Array] | None = None, index=0):
+        """Self-attention of ``x [B,T,E]``. With ``cache = (k [B,S,K,D], v)`` the new keys/values are
+        written at ``index`` and the queries attend over the whole cache (``mask [B,1,T,S]``);
+        returns ``(output, updated cache or None)``."""
         q, k, v = self.qkv(x, cos, sin)
+        if cache is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), index, axis=1)
+            cache = (k, v)
         out = attend(q, k, v, mask, self.head_dim**-0.5)
-        return self.o_proj(rearrange(out, "b t h d -> b t (h d)"))
+        return self.o_proj(rearrange(out, "b t h d -> b t (h d)")), cache
 
 
 class DecoderLayer(nnx.Module):
@@ -243,9 +263,10 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(t.hidden_size, eps=t.rms_norm_eps, axis="embed", dtype=dt,
                                                 param_dtype=pdt, stack=stack)
 
-    def __call__(self, x, cos, sin, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def __call__(self, x, cos, sin, mask, cache=None, index=0):
+        attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, index)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
 class TextModel(nnx.Module):
@@ -257,12 +278,16 @@ class TextModel(nnx.Module):
         self.norm = RMSNorm(t.hidden_size, eps=t.rms_norm_eps, axis="embed", dtype=dt, param_dtype=pdt)
         self.text_cfg, self.dtype, self.remat = t, dt, cfg.remat
 
-    def __call__(self, embeds: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
-        """``embeds [B,T,E]``, ``positions [3,B,T]``, ``mask`` bool ``[B,1,T,S]`` -> final-normed hidden ``[B,T,E]``."""
+    def __call__(self, embeds: jax.Array, positions: jax.Array, mask: jax.Array, cache: KVCache | None = None,
+                 index=0) -> tuple[jax.Array, KVCache | None]:
+        """``embeds [B,T,E]``, ``positions [3,B,T]``, ``mask`` bool ``[B,1,T,S]`` -> final-normed hidden
+        ``[B,T,E]`` and the cache with this chunk's keys/values written at ``index`` (S = cache size),
+        or None without a cache (S = T)."""
         t = self.text_cfg
         cos, sin = mrope_cos_sin(positions, t.head_dim, t.rope_theta, t.mrope_section, self.dtype)
-        h = scan_layers(self.layers, embeds, None, lambda layer, h, _: layer(h, cos, sin, mask), self.remat)
-        return self.norm(h)
+        h, cache = scan_layers(self.layers, embeds, cache, lambda layer, h, c: layer(h, cos, sin, mask, c, index),
+                               self.remat)
+        return self.norm(h), None if cache is None else KVCache(*cache)
 
 
 class Qwen2_5_VLModel(nnx.Module):
@@ -295,17 +320,20 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         head = self.model.language_model.embed_tokens if self.lm_head is None else self.lm_head
         return head.weight[...]
 
-    def hidden_states(self, inputs: ModelInputs) -> jax.Array:
-        """Final-normed decoder hidden states ``[B, T, E]`` (traceable)."""
-        lm = self.model.language_model
-        embeds = lm.embed_tokens(inputs.input_ids)
+    def embed(self, inputs: ModelInputs) -> jax.Array:
+        """Token embeddings ``[B, T, E]`` with the vision features scattered at the image tokens."""
+        embeds = self.model.language_model.embed_tokens(inputs.input_ids)
         if inputs.vision is not None:
             features = self.model.visual(inputs.vision)
             embeds = scatter_image_features(embeds, inputs.input_ids, features, self.config.image_token_id)
+        return embeds
+
+    def hidden_states(self, inputs: ModelInputs) -> jax.Array:
+        """Final-normed decoder hidden states ``[B, T, E]`` (traceable)."""
         t = inputs.input_ids.shape[1]
         causal = jnp.tril(jnp.ones((t, t), bool))
         mask = causal[None, None] & inputs.attention_mask.astype(bool)[:, None, None, :]
-        return lm(embeds, inputs.positions, mask)
+        return self.model.language_model(self.embed(inputs), inputs.positions, mask)[0]
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """``hidden [..., E] -> logits [..., V]`` in the compute dtype."""
