@@ -1,0 +1,320 @@
+"""Run configuration: dataclasses, loaded MaxText-style from YAML plus ``key=value`` overrides.
+
+Loading order (later wins)::
+
+    configs/base.yaml          every default, for reference (equal to the dataclass defaults)
+    configs/STAGE.yaml         names its base with ``base_config: base.yaml`` (relative path)
+    key=value ...              dotted keys, e.g. ``optim.lr=1e-6 train.steps=10``
+
+Every key is checked against the dataclasses: an unknown key is refused with a suggestion
+(``unknown config key 'optim.lrr' (did you mean 'optim.lr'?)``) and a value of the wrong type
+with the key named (``config key 'train.steps' expects int, got 'abc'``). Values given as strings
+(YAML 1.1 reads ``1e-6`` as a string, command-line values are strings) are parsed as YAML and
+then coerced to the field's type. Fields typed ``dict`` (``loss.kwargs``, ``mesh.rules``) take
+any keys; ``loss.kwargs`` is checked against the loss function's signature when the trainer builds it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "CheckpointConfig", "ConfigError", "DataConfig", "LogConfig", "LossConfig", "MeshConfig", "ModelSection",
+    "OptimConfig", "RunConfig", "TrainConfig", "apply_overrides", "from_dict", "load_config", "to_dict",
+]
+
+
+class ConfigError(ValueError):
+    """A run config with an unknown key, a value of the wrong type or an invalid setting."""
+
+
+@dataclasses.dataclass
+class ModelSection:
+    """The policy to train: an HF/Orbax directory (``path``) or a random model from ``preset``."""
+
+    path: str | None = None
+    preset: str = "tiny"
+    dtype: str = "bfloat16"
+    param_dtype: str = "float32"
+    remat: str = "none"
+    freeze_vision: bool = False
+    reference: str = "batch"  # DPO reference log-probs: "batch" (frozen copy, per batch) | "precomputed"
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    """Device mesh ``data x fsdp x tensor`` (-1: all remaining devices) and logical-axis rules.
+
+    ``rules`` maps a logical axis name to a mesh axis, a list of mesh axes or null (replicated);
+    it is merged over :data:`specs_jax.training.sharding.DEFAULT_RULES`.
+    """
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    rules: dict = dataclasses.field(default_factory=dict)
+    distributed: bool = False  # call jax.distributed.initialize() when a multi-host job is detected
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """AdamW with global-norm clipping and a warmup + constant/cosine/linear schedule."""
+
+    lr: float = 1e-6
+    schedule: str = "constant"  # constant | cosine | linear
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # final lr / lr for cosine and linear decay
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0  # <= 0 disables clipping
+    grad_accum_steps: int = 1
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    steps: int = 10
+    batch_size: int = 8  # global batch (sequences or preference pairs) per optimizer step
+    max_length: int = 64
+    seed: int = 0
+    log_every: int = 1
+    eval_every: int = 0  # 0: no evaluation
+    output_dir: str = "runs/train"
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    dir: str | None = None  # default: OUTPUT_DIR/checkpoints
+    every: int = 0  # 0: only at the end
+    keep_last_n: int = 3
+    keep_best_metric: str | None = None  # e.g. "eval/loss": also keep the best checkpoint by it
+    best_mode: str = "min"  # min | max
+    async_save: bool = True
+
+
+@dataclasses.dataclass
+class LossConfig:
+    name: str = "dpo_hybrid"
+    kwargs: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class LogConfig:
+    jsonl: bool = True
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "specs-jax"
+    progress: bool = True
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where batches come from. ``synthetic``: random token ids (tests, smoke runs)."""
+
+    source: str = "synthetic"
+    response_fraction: float = 0.5  # synthetic: share of each row that is response
+
+
+@dataclasses.dataclass
+class RunConfig:
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+CHOICES = {
+    "model.reference": ("batch", "precomputed"),
+    "model.remat": ("none", "full", "dots"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.param_dtype": ("float32", "bfloat16", "float16"),
+    "optim.schedule": ("constant", "cosine", "linear"),
+    "checkpoint.best_mode": ("min", "max"),
+    "data.source": ("synthetic",),
+}
+POSITIVE = ("train.steps", "train.batch_size", "train.max_length", "train.log_every", "optim.grad_accum_steps",
+            "checkpoint.keep_last_n")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check choices and ranges; ``ConfigError`` naming the key otherwise."""
+    flat = _flatten(to_dict(cfg))
+    for key, choices in CHOICES.items():
+        if flat[key] not in choices:
+            raise ConfigError(f"config key {key!r} must be one of {list(choices)}, got {flat[key]!r}")
+    for key in POSITIVE:
+        if flat[key] < 1:
+            raise ConfigError(f"config key {key!r} must be >= 1, got {flat[key]}")
+    if cfg.train.batch_size % cfg.optim.grad_accum_steps:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by "
+                          f"optim.grad_accum_steps={cfg.optim.grad_accum_steps}")
+    for key in ("mesh.data", "mesh.fsdp", "mesh.tensor"):
+        if flat[key] == 0 or flat[key] < -1:
+            raise ConfigError(f"config key {key!r} must be a positive size or -1 (fill), got {flat[key]}")
+
+
+# --------------------------------------------------------------------------------------------
+# dict <-> dataclass with type checks
+# --------------------------------------------------------------------------------------------
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k not in ("rules", "kwargs"):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        t = typing.get_type_hints(cls)[f.name]
+        keys.append(f"{prefix}{f.name}")
+        if dataclasses.is_dataclass(t):
+            keys += _all_keys(t, f"{prefix}{f.name}.")
+    return keys
+
+
+def _unknown(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, _all_keys(RunConfig), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """``value`` as type ``tp`` (int, float, str, bool, dict, or ``X | None``); strings are parsed as YAML."""
+    args = typing.get_args(tp)
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none", "~")):
+            return None
+        (tp,) = [a for a in args if a is not type(None)]
+    name = getattr(tp, "__name__", str(tp))
+    bad = ConfigError(f"config key {key!r} expects {name}, got {value!r}")
+    if tp is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise bad
+        return str(value)
+    if isinstance(value, str):
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise bad from None
+        if tp is float and isinstance(parsed, str):
+            try:
+                return float(parsed)
+            except ValueError:
+                raise bad from None
+        value = parsed
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad
+    if tp is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise bad
+    raise TypeError(f"config field {key!r} has unsupported type {tp}")
+
+
+def _build(cls: type, d: dict, prefix: str) -> Any:
+    if not isinstance(d, dict):
+        raise ConfigError(f"config key {prefix[:-1]!r} must be a mapping, got {d!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in d:
+        if k not in names:
+            raise _unknown(f"{prefix}{k}")
+    kwargs = {}
+    for k, v in d.items():
+        tp = hints[k]
+        kwargs[k] = _build(tp, v, f"{prefix}{k}.") if dataclasses.is_dataclass(tp) else _coerce(f"{prefix}{k}", v, tp)
+    return cls(**kwargs)
+
+
+def from_dict(d: dict) -> RunConfig:
+    """A :class:`RunConfig` from a nested dict (missing keys take the defaults)."""
+    return _build(RunConfig, d, "")
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"no config file at {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping, got {type(data).__name__}")
+    base = data.pop("base_config", None)
+    if base is None:
+        return data
+    return _deep_merge(_read_yaml(path.parent / base), data)
+
+
+def _parse_free(value: str) -> Any:
+    """A value of a free-form dict entry: YAML, with ``1e-6``-style floats read as floats."""
+    parsed = yaml.safe_load(value)
+    if isinstance(parsed, str):
+        try:
+            return float(parsed)
+        except ValueError:
+            return parsed
+    return parsed
+
+
+def apply_overrides(d: dict, overrides: list[str]) -> dict:
+    """Apply ``key=value`` strings (dotted keys) to a nested dict; unknown keys are refused."""
+    d = _deep_merge({}, d)
+    known = set(_all_keys(RunConfig))
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not key=value")
+        parts = key.split(".")
+        # dict-typed fields (loss.kwargs.beta, mesh.rules.embed) accept any sub-key
+        if key not in known and ".".join(parts[:2]) not in ("loss.kwargs", "mesh.rules"):
+            raise _unknown(key)
+        node = d
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = _parse_free(value) if ".".join(parts[:2]) in ("loss.kwargs", "mesh.rules") else value
+    return d
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a stage YAML (following its ``base_config`` chain), apply overrides, check everything."""
+    d = _read_yaml(Path(path)) if path is not None else {}
+    return from_dict(apply_overrides(d, list(overrides or [])))

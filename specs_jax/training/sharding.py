@@ -1,0 +1,155 @@
+"""Device mesh, logical-axis rules and the shardings of parameters, optimizer state and batches.
+
+The mesh has three axes: ``data`` (pure data parallelism), ``fsdp`` (data parallelism with
+parameters and optimizer state sharded, ZeRO-3 style) and ``tensor`` (Megatron-style tensor
+parallelism over heads / MLP / vocabulary). Parameters carry logical axis names in their
+``out_sharding`` metadata (see :mod:`specs_jax.model.layers`); :data:`DEFAULT_RULES` maps them to
+mesh axes. A dimension whose size is not divisible by its mesh axes' size, or whose mesh axis is
+already used by an earlier dimension of the same array, stays replicated.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+__all__ = [
+    "BATCH_AXES", "DEFAULT_RULES", "MESH_AXES", "batch_spec", "logical_to_spec", "make_mesh", "make_rules",
+    "maybe_initialize_distributed", "param_shardings", "process_batch_slice", "shard_batch", "tree_shardings_like",
+]
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+Rule = str | tuple[str, ...] | None
+
+DEFAULT_RULES: dict[str, Rule] = {
+    "batch": BATCH_AXES,
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "vocab": "tensor",
+    "layers": None,
+    "vision_embed": "fsdp",
+    "vision_heads": None,
+    "vision_qkv": None,
+    "vision_mlp": None,
+}
+
+
+def make_rules(overrides: Mapping[str, Any] | None = None) -> dict[str, Rule]:
+    """:data:`DEFAULT_RULES` updated with ``overrides`` (list values become tuples); unknown mesh axes refused."""
+    rules = dict(DEFAULT_RULES)
+    for name, rule in (overrides or {}).items():
+        rule = tuple(rule) if isinstance(rule, (list, tuple)) else rule
+        for axis in (rule if isinstance(rule, tuple) else (rule,)):
+            if axis is not None and axis not in MESH_AXES:
+                raise ValueError(f"mesh rule {name!r} -> {rule!r}: unknown mesh axis {axis!r}; known: {MESH_AXES}")
+        rules[name] = rule
+    return rules
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: list | None = None) -> Mesh:
+    """A ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all); at most one size may be -1 (fill)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    fill = [k for k, v in sizes.items() if v == -1]
+    if len(fill) > 1:
+        raise ValueError(f"at most one mesh axis may be -1 (fill), got {fill}")
+    known = math.prod(v for v in sizes.values() if v != -1)
+    if fill:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices are not divisible by the fixed mesh sizes {sizes}")
+        sizes[fill[0]] = len(devices) // known
+    if math.prod(sizes.values()) != len(devices):
+        raise ValueError(f"mesh {sizes} needs {math.prod(sizes.values())} devices, have {len(devices)}")
+    grid = np.asarray(devices, dtype=object).reshape(tuple(sizes.values()))
+    return Mesh(grid, MESH_AXES)
+
+
+def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh,
+                    rules: Mapping[str, Rule]) -> PartitionSpec:
+    """Mesh ``PartitionSpec`` of an array with logical ``axes``, falling back to replicated per dimension
+    where the size is not divisible by the mesh axes' size or a mesh axis is already used."""
+    if len(axes) != len(shape):
+        raise ValueError(f"logical axes {axes} do not match shape {shape}")
+    used: set[str] = set()
+    spec = []
+    for name, size in zip(axes, shape):
+        if name is not None and name not in rules:
+            raise ValueError(f"logical axis {name!r} has no mesh rule; rules: {sorted(rules)}")
+        rule = rules.get(name) if name is not None else None
+        mesh_axes = tuple(a for a in ((rule,) if isinstance(rule, str) else (rule or ())) if mesh.shape[a] > 1)
+        n = math.prod(mesh.shape[a] for a in mesh_axes)
+        if not mesh_axes or size % n or used & set(mesh_axes):
+            spec.append(None)
+            continue
+        used |= set(mesh_axes)
+        spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+    return PartitionSpec(*spec)
+
+
+def param_shardings(params: nnx.State, mesh: Mesh, rules: Mapping[str, Rule]) -> dict:
+    """Pure-dict tree of ``NamedSharding`` for an ``nnx.State`` of Params, from their ``out_sharding`` axes."""
+    def one(var: nnx.Variable) -> NamedSharding:
+        axes = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
+        return NamedSharding(mesh, logical_to_spec(tuple(axes), tuple(var.shape), mesh, rules))
+
+    return nnx.to_pure_dict(jax.tree.map(one, params, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+
+def tree_shardings_like(tree: Any, params_shardings: Any, mesh: Mesh) -> Any:
+    """Shardings for a tree (e.g. an optax state) that embeds copies of the params tree (Adam's mu and
+    nu): each params-shaped subtree gets ``params_shardings``, every other leaf is replicated."""
+    params_def = jax.tree.structure(params_shardings)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def is_params(x: Any) -> bool:
+        return jax.tree.structure(x) == params_def
+
+    return jax.tree.map(lambda x: params_shardings if is_params(x) else replicated, tree, is_leaf=is_params)
+
+
+def batch_spec(ndim: int, batch_dim: int = 0) -> PartitionSpec:
+    """``PartitionSpec`` sharding dimension ``batch_dim`` over the ``(data, fsdp)`` axes."""
+    spec = [None] * ndim
+    spec[batch_dim] = BATCH_AXES
+    return PartitionSpec(*spec)
+
+
+def process_batch_slice(global_batch: int, process_index: int | None = None,
+                        process_count: int | None = None) -> slice:
+    """Rows of the global batch this host loads: ``[i * B/P, (i+1) * B/P)`` for host ``i`` of ``P``."""
+    i = jax.process_index() if process_index is None else process_index
+    p = jax.process_count() if process_count is None else process_count
+    if global_batch % p:
+        raise ValueError(f"global batch {global_batch} is not divisible by the {p} processes")
+    per = global_batch // p
+    return slice(i * per, (i + 1) * per)
+
+
+def shard_batch(local: Mapping[str, np.ndarray], shardings: Mapping[str, NamedSharding]) -> dict[str, jax.Array]:
+    """Global arrays from this host's rows (``jax.make_array_from_process_local_data``), one per key."""
+    return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v)) for k, v in local.items()}
+
+
+MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
+                 "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+def maybe_initialize_distributed(enabled: bool) -> bool:
+    """``jax.distributed.initialize()`` (auto-detected cluster) when ``enabled`` and one of
+    :data:`MULTIHOST_ENV` says this is a multi-process job; returns whether it initialised."""
+    if not enabled or not any(os.environ.get(k) for k in MULTIHOST_ENV):
+        return False
+    if os.environ.get("SLURM_NTASKS") == "1" or os.environ.get("OMPI_COMM_WORLD_SIZE") == "1":
+        return False
+    jax.distributed.initialize()
+    return True

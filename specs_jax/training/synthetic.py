@@ -1,0 +1,94 @@
+"""Synthetic data: random token ids (and optionally one random image per row) in the trainer's batch
+format (:mod:`specs_jax.training.batches`), from a resumable, checkpointable source."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from specs_jax.model import ModelConfig
+
+__all__ = ["SyntheticSource", "random_dpo_batch", "random_sft_batch"]
+
+
+def _rows(cfg: ModelConfig, rs: np.random.RandomState, batch: int, length: int, response_fraction: float,
+          image_grid: tuple[int, int, int] | None) -> dict[str, np.ndarray]:
+    """Left-aligned rows: prompt (with the image tokens first), response, then random right padding."""
+    special = {cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id}
+    vocab = min(cfg.text.vocab_size, min(special))
+    ids = rs.randint(0, vocab, size=(batch, length)).astype(np.int32)
+    n_img = 0
+    if image_grid is not None:
+        n_img = int(np.prod(image_grid)) // cfg.vision.spatial_merge_size**2
+        ids[:, 0] = cfg.vision_start_token_id
+        ids[:, 1:1 + n_img] = cfg.image_token_id
+        ids[:, 1 + n_img] = cfg.vision_end_token_id
+    prompt = 2 + n_img + max(1, int(length * (1 - response_fraction)) - 2 - n_img)
+    if prompt >= length - 1:
+        raise ValueError(f"rows of {length} tokens leave no room for a response after a {prompt}-token prompt")
+    lengths = rs.randint(prompt + 2, length + 1, size=batch)
+    pos = np.arange(length)[None]
+    attention = (pos < lengths[:, None]).astype(np.int32)
+    response = ((pos >= prompt) & (pos < lengths[:, None])).astype(np.int32)
+    return {"input_ids": np.where(attention > 0, ids, 0), "attention_mask": attention, "response_mask": response}
+
+
+def _images(cfg: ModelConfig, rs: np.random.RandomState, batch: int,
+            image_grid: tuple[int, int, int] | None) -> dict[str, np.ndarray]:
+    if image_grid is None:
+        return {}
+    n = int(np.prod(image_grid))
+    return {"pixel_values": rs.randn(batch * n, cfg.vision.patch_dim).astype(np.float32),
+            "image_grid_thw": np.tile(np.asarray(image_grid, np.int64), (batch, 1))}
+
+
+def random_sft_batch(cfg: ModelConfig, rs: np.random.RandomState, batch: int, length: int,
+                     response_fraction: float = 0.5,
+                     image_grid: tuple[int, int, int] | None = None) -> dict[str, np.ndarray]:
+    """An SFT batch of random tokens; with ``image_grid`` every row shows one random image of that grid."""
+    return {**_rows(cfg, rs, batch, length, response_fraction, image_grid), **_images(cfg, rs, batch, image_grid)}
+
+
+def random_dpo_batch(cfg: ModelConfig, rs: np.random.RandomState, batch: int, length: int,
+                     response_fraction: float = 0.5,
+                     image_grid: tuple[int, int, int] | None = None) -> dict[str, np.ndarray]:
+    """A DPO batch: chosen and rejected rows share the prompt (and image), responses differ."""
+    chosen = _rows(cfg, rs, batch, length, response_fraction, image_grid)
+    rejected = _rows(cfg, rs, batch, length, response_fraction, image_grid)
+    prompt = int(chosen["response_mask"][0].argmax())  # the same prompt length in every row
+    rejected["input_ids"][:, :prompt] = chosen["input_ids"][:, :prompt]
+    out = {f"chosen_{k}": v for k, v in chosen.items()}
+    out.update({f"rejected_{k}": v for k, v in rejected.items()})
+    return {**out, **_images(cfg, rs, batch, image_grid)}
+
+
+class SyntheticSource:
+    """An endless, resumable iterator of random batches: batch ``k`` depends only on ``(seed, k)``.
+
+    ``state()`` is ``{"next": k}`` (JSON); ``restore(state)`` continues from batch ``k``.
+    """
+
+    def __init__(self, cfg: ModelConfig, kind: str, batch: int, length: int, seed: int = 0,
+                 response_fraction: float = 0.5, image_grid: tuple[int, int, int] | None = None):
+        makers = {"sft": random_sft_batch, "dpo": random_dpo_batch}
+        if kind not in makers:
+            raise ValueError(f"kind={kind!r}; expected one of {sorted(makers)}")
+        self._make = makers[kind]
+        self.cfg, self.batch, self.length, self.seed = cfg, batch, length, seed
+        self.response_fraction, self.image_grid = response_fraction, image_grid
+        self.next = 0
+
+    def __iter__(self) -> "SyntheticSource":
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        rs = np.random.RandomState([self.seed, self.next])
+        self.next += 1
+        return self._make(self.cfg, rs, self.batch, self.length, self.response_fraction, self.image_grid)
+
+    def state(self) -> dict[str, Any]:
+        return {"next": self.next}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.next = int(state["next"])
