@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from specs_jax.cli import convert, init
+from specs_jax.cli import convert, generate, init
 
-COMMANDS = (init, convert)
+COMMANDS = (init, convert, generate)
 
 
 def build_parser() -> argparse.ArgumentParser:
