@@ -15,6 +15,7 @@ Two ways to call it:
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -345,12 +346,15 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
 
     def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None) -> jax.Array:
         """transformers-style forward on concrete arrays -> logits ``[B, T, V]`` (jitted)."""
-        return _jit_forward(self, prepare_inputs(self.config, input_ids, attention_mask, pixel_values, image_grid_thw))
+        inputs = prepare_inputs(self.config, input_ids, attention_mask, pixel_values, image_grid_thw)
+        graphdef, state = nnx.split(self)
+        return _jit_forward(graphdef, state, inputs)
 
 
-@nnx.jit
-def _jit_forward(model: Qwen2_5_VLForConditionalGeneration, inputs: ModelInputs) -> jax.Array:
-    return model.forward(inputs)
+@functools.partial(jax.jit, static_argnums=0)
+def _jit_forward(graphdef, state, inputs: ModelInputs) -> jax.Array:
+    """Params are inputs only, so the model keeps them as (and where) they are."""
+    return nnx.merge(graphdef, state).forward(inputs)
 
 
 def prepare_inputs(cfg: ModelConfig, input_ids, attention_mask=None, pixel_values=None,

@@ -164,13 +164,16 @@ class Sampler:
     # ---------------------------------------------------------------- compiled core
     @functools.cached_property
     def _jitted(self):
-        @functools.partial(nnx.jit, static_argnames=("max_new_tokens", "n", "params", "top_probs"))
-        def run(model, inputs, key, *, max_new_tokens, n, params, top_probs):
+        # The params enter as plain inputs (never outputs), so they stay where and how they are sharded.
+        graphdef = nnx.graphdef(self.model)
+
+        @functools.partial(jax.jit, static_argnames=("max_new_tokens", "n", "params", "top_probs"))
+        def run(state, inputs, key, *, max_new_tokens, n, params, top_probs):
             self.compilations += 1  # runs at trace time only: counts compilations
             log.info("sampler: compiling for batch %s, prompt length %s, n=%d", inputs.input_ids.shape[0],
                      inputs.input_ids.shape[1], n)
-            return generate_rollout(model, inputs, key, max_new_tokens=max_new_tokens, n=n, params=params,
-                                    eos_ids=self.eos_ids, pad_id=self.pad_id, top_probs=top_probs)
+            return generate_rollout(nnx.merge(graphdef, state), inputs, key, max_new_tokens=max_new_tokens, n=n,
+                                    params=params, eos_ids=self.eos_ids, pad_id=self.pad_id, top_probs=top_probs)
 
         return run
 
@@ -211,7 +214,7 @@ class Sampler:
         """Sample ``n`` completions per prompt of an already tokenised batch (transformers' arguments)."""
         inputs, b = self._pad_batch(input_ids, attention_mask, pixel_values, image_grid_thw)
         key = jax.random.key(seed)
-        out = self._jitted(self.model, inputs, key, max_new_tokens=self.config.max_new_tokens, n=n, params=params,
+        out = self._jitted(nnx.state(self.model), inputs, key, max_new_tokens=self.config.max_new_tokens, n=n, params=params,
                            top_probs=self.config.top_probs)
         rows = b * n
         tokens, logps, mask = (np.array(x[:rows]) for x in (out.tokens, out.logps, out.mask))
