@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from specs_jax.cli import convert, generate, init
+from specs_jax.cli import convert, generate, init, train
 
-COMMANDS = (init, convert, generate)
+COMMANDS = (init, convert, generate, train)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -121,6 +121,8 @@ class DataConfig:
 
     source: str = "synthetic"
     response_fraction: float = 0.5  # synthetic: share of each row that is response
+    num_batches: int = 0  # synthetic: cycle over this many distinct batches (1: a fixed batch); 0: endless
+    image_grid: list = dataclasses.field(default_factory=list)  # synthetic: [t, h, w] patches of one image per row
 
 
 @dataclasses.dataclass
@@ -149,6 +151,7 @@ CHOICES = {
 }
 POSITIVE = ("train.steps", "train.batch_size", "train.max_length", "train.log_every", "optim.grad_accum_steps",
             "checkpoint.keep_last_n")
+NON_NEGATIVE = ("optim.warmup_steps", "train.eval_every", "checkpoint.every", "data.num_batches")
 
 
 def validate(cfg: RunConfig) -> None:
@@ -163,6 +166,12 @@ def validate(cfg: RunConfig) -> None:
     if cfg.train.batch_size % cfg.optim.grad_accum_steps:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by "
                           f"optim.grad_accum_steps={cfg.optim.grad_accum_steps}")
+    for key in NON_NEGATIVE:
+        if flat[key] < 0:
+            raise ConfigError(f"config key {key!r} must be >= 0, got {flat[key]}")
+    grid = cfg.data.image_grid
+    if grid and (len(grid) != 3 or not all(isinstance(g, int) and g > 0 for g in grid)):
+        raise ConfigError(f"config key 'data.image_grid' must be [] or three positive ints [t, h, w], got {grid}")
     for key in ("mesh.data", "mesh.fsdp", "mesh.tensor"):
         if flat[key] == 0 or flat[key] < -1:
             raise ConfigError(f"config key {key!r} must be a positive size or -1 (fill), got {flat[key]}")
@@ -237,6 +246,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is dict:
         if isinstance(value, dict):
             return dict(value)
+        raise bad
+    if tp is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
         raise bad
     raise TypeError(f"config field {key!r} has unsupported type {tp}")
 

@@ -34,7 +34,8 @@ from specs_jax.training.sharding import BATCH_AXES
 from specs_jax.training.state import TrainState, join_params, model_from_params
 
 __all__ = [
-    "LossSpec", "StepContext", "batch_shardings", "dpo_spec", "make_train_step", "sequence_logps", "sft_spec",
+    "LossSpec", "StepContext", "batch_shardings", "dpo_spec", "make_eval_step", "make_train_step", "sequence_logps",
+    "sft_spec",
 ]
 
 
@@ -180,3 +181,24 @@ def make_train_step(graphdef: nnx.GraphDef, spec: LossSpec, tx: optax.GradientTr
 
     return jax.jit(step, in_shardings=(state_shardings, batch_sharding, extra_shardings),
                    out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+
+
+def make_eval_step(graphdef: nnx.GraphDef, spec: LossSpec, state_shardings: TrainState, batch_sharding: SeqBatch,
+                   extra_shardings: Any = None) -> Callable[[TrainState, SeqBatch, Any], dict]:
+    """``evaluate(state, batch, extra) -> metrics``: the loss and the spec's metrics of a batch, no update."""
+    replicated = NamedSharding(batch_sharding.labels.mesh, PartitionSpec())
+
+    def evaluate(state: TrainState, batch: SeqBatch, extra: Any) -> dict:
+        ctx = StepContext(spec.totals(batch), extra, state.rng)
+        model = model_from_params(graphdef, join_params(state.params, state.frozen))
+
+        def body(carry, micro):
+            return _tree_add(carry, spec.micro_loss(model, micro, ctx)), None
+
+        first = jax.eval_shape(lambda m: spec.micro_loss(model, m, ctx), jax.tree.map(lambda x: x[0], batch))
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first)
+        (loss, metrics), _ = jax.lax.scan(body, zeros, batch)
+        return {**metrics, "loss": loss}
+
+    return jax.jit(evaluate, in_shardings=(state_shardings, batch_sharding, extra_shardings),
+                   out_shardings=replicated)

@@ -64,26 +64,31 @@ def random_dpo_batch(cfg: ModelConfig, rs: np.random.RandomState, batch: int, le
 
 
 class SyntheticSource:
-    """An endless, resumable iterator of random batches: batch ``k`` depends only on ``(seed, k)``.
+    """An endless, resumable iterator of random batches: batch ``k`` depends only on ``(seed, k)``, or on
+    ``(seed, k mod num_batches)`` when ``num_batches > 0`` (1: the same batch every step), and on the
+    process index ``process`` (each host draws its own rows).
 
     ``state()`` is ``{"next": k}`` (JSON); ``restore(state)`` continues from batch ``k``.
     """
 
     def __init__(self, cfg: ModelConfig, kind: str, batch: int, length: int, seed: int = 0,
-                 response_fraction: float = 0.5, image_grid: tuple[int, int, int] | None = None):
+                 response_fraction: float = 0.5, image_grid: tuple[int, int, int] | None = None,
+                 num_batches: int = 0, process: int = 0):
         makers = {"sft": random_sft_batch, "dpo": random_dpo_batch}
         if kind not in makers:
             raise ValueError(f"kind={kind!r}; expected one of {sorted(makers)}")
         self._make = makers[kind]
         self.cfg, self.batch, self.length, self.seed = cfg, batch, length, seed
         self.response_fraction, self.image_grid = response_fraction, image_grid
+        self.num_batches, self.process = num_batches, process
         self.next = 0
 
     def __iter__(self) -> "SyntheticSource":
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        rs = np.random.RandomState([self.seed, self.next])
+        k = self.next % self.num_batches if self.num_batches else self.next
+        rs = np.random.RandomState([self.seed, self.process, k])
         self.next += 1
         return self._make(self.cfg, rs, self.batch, self.length, self.response_fraction, self.image_grid)
 
