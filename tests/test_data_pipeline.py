@@ -7,9 +7,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from specs_jax.data.pipeline import (PAIR_COLUMNS, Columns, DataConfig, load_rows, preference_batches, rl_batches,
-                                     sft_batches)
-from specs_jax.data.tokenizer import ProcessorConfig, build_processor, model_token_fields
+from specs_jax.data.pipeline import (
+    PAIR_COLUMNS,
+    Columns,
+    DataConfig,
+    load_rows,
+    preference_batches,
+    rl_batches,
+    sft_batches,
+)
+from specs_jax.data.tokenizer import (
+    ProcessorConfig,
+    build_processor,
+    model_token_fields,
+)
 
 CORPUS = [
     "You are a helpful assistant.",
@@ -57,13 +68,9 @@ def image_folder(tmp_path_factory):
 
 
 def _config(root, **options):
-    defaults = dict(batch_size=3, buckets=BUCKETS, image_root=str(root), drop_remainder=False, read_threads=2,
-                    columns=Columns(solution="solution"))
+    defaults = {"batch_size": 3, "buckets": BUCKETS, "image_root": str(root), "drop_remainder": False,
+                "read_threads": 2, "columns": Columns(solution="solution")}
     return DataConfig(**{**defaults, **options})
-
-
-def _drain(iterator):
-    return list(iterator)
 
 
 def test_rl_batches_skip_and_count_bad_rows(processor, model_cfg, image_folder):
@@ -71,7 +78,7 @@ def test_rl_batches_skip_and_count_bad_rows(processor, model_cfg, image_folder):
 
     root, rows = image_folder
     it = rl_batches(load_rows(root / "metadata.jsonl"), processor, _config(root))
-    batches = _drain(it)
+    batches = list(it)
     assert it.skipped == EXPECTED_SKIPS
     row_ids = np.concatenate([b["row_id"] for b in batches])
     assert sorted(row_ids.tolist()) == list(range(11))
@@ -102,7 +109,7 @@ def test_buckets_are_the_smallest_fitting_length(processor, model_cfg, image_fol
     buckets = (40, 48, 56, 64, 192)
     config = _config(root, batch_size=1, buckets=buckets, shuffle=False)
     widths = set()
-    for batch in _drain(rl_batches(load_rows(root / "metadata.jsonl"), processor, config)):
+    for batch in list(rl_batches(load_rows(root / "metadata.jsonl"), processor, config)):
         longest = int(batch["attention_mask"].sum(1).max())
         width = batch["input_ids"].shape[1]
         assert width == min(b for b in buckets if b >= longest)
@@ -129,18 +136,20 @@ def test_order_is_deterministic_by_seed(processor, image_folder):
     assert np.concatenate([b["row_id"] for b in unshuffled]).tolist() == list(range(11))
 
 
-def test_resume_from_saved_state_reproduces_the_remaining_batches(processor, image_folder):
+def test_resume_from_saved_state_reproduces_the_remaining_batches(processor, image_folder, tmp_path):
+    import grain
+    from etils import epath
+
     root, _ = image_folder
     rows = load_rows(root / "metadata.jsonl")
     config = _config(root, seed=3, num_epochs=2, batch_size=2, drop_remainder=True)
     it = rl_batches(rows, processor, config)
     for _ in range(4):
         next(it)
-    state = json.loads(json.dumps(it.get_state()))  # checkpointable as JSON
-    rest = _drain(it)
-    resumed = rl_batches(rows, processor, config)
-    resumed.set_state(state)
-    again = _drain(resumed)
+    grain.checkpoint.CheckpointHandler().save(epath.Path(tmp_path), it)  # JSON state file
+    rest = list(it)
+    resumed = grain.checkpoint.CheckpointHandler().restore(epath.Path(tmp_path), rl_batches(rows, processor, config))
+    again = list(resumed)
     assert len(again) == len(rest) > 0
     for a, b in zip(rest, again):
         assert a.keys() == b.keys()
@@ -168,7 +177,7 @@ def test_sft_loss_mask_covers_exactly_the_response(processor, model_cfg, tmp_pat
     datasets.Dataset.from_dict(data, features=features).to_parquet(str(path))
     config = DataConfig(batch_size=2, buckets=BUCKETS, seed=0)
     it = sft_batches(load_rows(path), processor, config)
-    batches = _drain(it)
+    batches = list(it)
     assert it.skipped == {"unreadable_image": 1, "empty_response": 1}
     tok = processor.tokenizer
     assert sum(len(b["row_id"]) for b in batches) == 4
@@ -199,7 +208,7 @@ def test_preference_batches_pair_chosen_and_rejected_on_one_prompt(processor, mo
     datasets.Dataset.from_dict(pairs).to_parquet(str(path))
     config = DataConfig(columns=PAIR_COLUMNS, batch_size=2, buckets=BUCKETS, drop_remainder=True)
     it = preference_batches(load_rows(path), processor, config)
-    batches = _drain(it)
+    batches = list(it)
     assert it.skipped == {"missing_image": 1} and len(batches) == 2
     tok = processor.tokenizer
     for batch in batches:

@@ -6,8 +6,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from specs_jax.data.tokenizer import (FORMAT_TOKENS, QWEN2_5_VL_CHAT_TEMPLATE, QWEN_SPECIAL_TOKENS, ProcessorConfig,
-                                      build_processor, load_processor, model_token_fields)
+from specs_jax.data.tokenizer import (
+    FORMAT_TOKENS,
+    QWEN2_5_VL_CHAT_TEMPLATE,
+    QWEN_SPECIAL_TOKENS,
+    ProcessorConfig,
+    build_processor,
+    load_processor,
+    model_token_fields,
+)
 
 CORPUS = [
     "You are a helpful assistant.",

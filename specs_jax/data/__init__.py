@@ -1,5 +1,25 @@
-"""Data preparation for specs-jax."""
+"""Data preparation for specs-jax.
+
+The pipeline (:mod:`specs_jax.data.pipeline`, grain) and processor
+(:mod:`specs_jax.data.tokenizer`) names are imported lazily on first access.
+"""
 
 from specs_jax.data.pairs import PairConfig, PromptSamples, build_pairs, save_pairs
 
-__all__ = ["PairConfig", "PromptSamples", "build_pairs", "save_pairs"]
+_LAZY = {
+    "specs_jax.data.pipeline": ("DataConfig", "Columns", "PAIR_COLUMNS", "load_rows", "rl_batches", "sft_batches",
+                                "preference_batches"),
+    "specs_jax.data.tokenizer": ("Processor", "ProcessorConfig", "build_processor", "load_processor",
+                                 "model_token_fields"),
+}
+
+__all__ = ["PairConfig", "PromptSamples", "build_pairs", "save_pairs"] + [n for names in _LAZY.values() for n in names]
+
+
+def __getattr__(name: str):
+    for module, names in _LAZY.items():
+        if name in names:
+            import importlib
+
+            return getattr(importlib.import_module(module), name)
+    raise AttributeError(f"module 'specs_jax.data' has no attribute {name!r}")

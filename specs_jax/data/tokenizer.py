@@ -172,7 +172,9 @@ def train_tokenizer(corpus: Iterable[str], config: ProcessorConfig = ProcessorCo
 
 def build_processor(corpus: Iterable[str], config: ProcessorConfig = ProcessorConfig()) -> Processor:
     """Train the tokenizer on ``corpus`` and pair it with a small-image Qwen2-VL image processor."""
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
 
     image_processor = Qwen2VLImageProcessorPil(
         size={"shortest_edge": config.min_pixels, "longest_edge": config.max_pixels}
