@@ -131,9 +131,21 @@ def test_order_is_deterministic_by_seed(processor, image_folder):
     first = order(1)
     assert first == order(1)
     assert first != order(2)
+    assert sorted(first[:11]) == sorted(first[11:]) == list(range(11))  # row ids are source indices
     assert first[:11] != first[11:]  # each epoch is shuffled differently
     unshuffled = rl_batches(rows, processor, _config(root, shuffle=False))
     assert np.concatenate([b["row_id"] for b in unshuffled]).tolist() == list(range(11))
+
+
+def test_shards_are_disjoint_and_cover_the_data(processor, image_folder):
+    root, _ = image_folder
+    rows = load_rows(root / "metadata.jsonl")
+    shards = [
+        np.concatenate([b["row_id"] for b in rl_batches(rows, processor, _config(root, shard_index=k, shard_count=2))])
+        for k in range(2)
+    ]
+    assert not set(shards[0]) & set(shards[1])
+    assert sorted([*shards[0], *shards[1]]) == list(range(11))
 
 
 def test_resume_from_saved_state_reproduces_the_remaining_batches(processor, image_folder, tmp_path):

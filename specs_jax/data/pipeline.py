@@ -44,9 +44,11 @@ Every batch feeds ``specs_jax.model.prepare_inputs(cfg, input_ids, attention_mas
 pixel_values, image_grid_thw)`` for a model configured with
 :func:`~specs_jax.data.tokenizer.model_token_fields`.
 
-Order and resumption: the source is shuffled with ``seed`` by grain (each epoch differently),
-repeated ``num_epochs`` times, sharded ``shard_index::shard_count`` (one shard per host), then
-rows are processed (``read_threads`` threads) and batched. The iterator is a
+Order and resumption: the source is sharded ``shard_index::shard_count`` (disjoint rows per
+host), shuffled with ``seed`` by grain (each epoch differently) and repeated ``num_epochs``
+times; then rows are processed (``read_threads`` threads) and batched. With finite epochs,
+shards of unequal size give hosts unequal batch counts: use ``num_epochs=None`` on several
+hosts and stop by step count. The iterator is a
 ``grain.DatasetIterator``: ``get_state()``/``set_state()`` (or grain's checkpoint handler)
 resume exactly where it stopped, skip counts included.
 
@@ -399,10 +401,12 @@ def batches(rows: datasets.Dataset, processor: Processor, config: DataConfig, mo
         except BadRow as bad:
             return Skipped(row_id, bad.reason)
 
-    ds = grain.MapDataset.source(rows).map_with_index(lambda i, row: (i, row))
+    n_rows = len(rows)  # indices of later epochs run past the source length: reduce them to row ids
+    ds = grain.MapDataset.source(rows).map_with_index(lambda i, row: (i % n_rows, row))
+    ds = ds[config.shard_index::config.shard_count]
     if config.shuffle:
         ds = ds.shuffle(seed=config.seed)
-    ds = ds.repeat(config.num_epochs)[config.shard_index::config.shard_count]
+    ds = ds.repeat(config.num_epochs)
     ds = ds.map(lambda item: process(*item))
     options = grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.prefetch)
     batched = _Batch(ds.to_iter_dataset(options), config.batch_size, config.drop_remainder,
