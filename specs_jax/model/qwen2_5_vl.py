@@ -239,15 +239,17 @@ class Attention(nnx.Module):
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
-    def __call__(self, x, cos, sin, mask, cache: tuple[jax.Array, jax.Array] | None = None, index=0):
-        """Self-attention of ``x [B,T,E]``. With ``cache = (k [B,S,K,D], v)`` the new keys/values are
-        written at ``index`` and the queries attend over the whole cache (``mask [B,1,T,S]``);
-        returns ``(output, updated cache or None)``."""
+    def __call__(self, x, cos, sin, mask, cache: tuple[jax.Array, jax.Array, jax.Array] | None = None, index=0):
+        """Self-attention of ``x [B,T,E]``. With ``cache = (k, v [layers,B,S,K,D], layer)`` this chunk's
+        keys/values are written in place at ``[layer, :, index]`` and the queries attend over the layer's
+        whole cache (``mask [B,1,T,S]``); returns ``(output, (k, v) or None)``."""
         q, k, v = self.qkv(x, cos, sin)
         if cache is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(cache[0], k.astype(cache[0].dtype), index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cache[1], v.astype(cache[1].dtype), index, axis=1)
-            cache = (k, v)
+            k_all, v_all, layer = cache
+            at = (layer, 0, index, 0, 0)
+            k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], at)
+            v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], at)
+            k, v, cache = k_all[layer], v_all[layer], (k_all, v_all)
         out = attend(q, k, v, mask, self.head_dim**-0.5)
         return self.o_proj(rearrange(out, "b t h d -> b t (h d)")), cache
 
@@ -286,9 +288,18 @@ class TextModel(nnx.Module):
         or None without a cache (S = T)."""
         t = self.text_cfg
         cos, sin = mrope_cos_sin(positions, t.head_dim, t.rope_theta, t.mrope_section, self.dtype)
-        h, cache = scan_layers(self.layers, embeds, cache, lambda layer, h, c: layer(h, cos, sin, mask, c, index),
+        if cache is None:
+            h, _ = scan_layers(self.layers, embeds, None, lambda layer, h, _: (layer(h, cos, sin, mask)[0], None),
                                self.remat)
-        return self.norm(h), None if cache is None else KVCache(*cache)
+            return self.norm(h), None
+
+        def body(layer, carry, i):  # the cache rides in the carry so each step updates it in place
+            h, kv = layer(carry[0], cos, sin, mask, (*carry[1:], i), index)
+            return (h, *kv), None
+
+        (h, k, v), _ = scan_layers(self.layers, (embeds, cache.k, cache.v), jnp.arange(t.num_hidden_layers), body,
+                                   self.remat)
+        return self.norm(h), KVCache(k, v)
 
 
 class Qwen2_5_VLModel(nnx.Module):
