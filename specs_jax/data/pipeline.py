@@ -29,8 +29,8 @@ Batches (``B`` rows, ``L`` a bucket length, ``P`` image patches, ``D = 3*2*14*14
 - :func:`rl_batches`: ``input_ids`` ``[B, L]`` int32 LEFT-padded prompts, ``attention_mask``
   ``[B, L]`` int32, ``pixel_values`` ``[P, D]`` float32 and ``image_grid_thw`` ``[n_images, 3]``
   int64 (both ``None`` when no row of the batch has an image), ``row_id`` ``[B]`` int64 (index in
-  the source), ``question``, ``answer`` and ``solution`` (lists of ``B`` strings; ``solution`` is
-  ``None`` entries without a solution column).
+  the source), ``question``, ``answer`` and ``solution`` (lists of ``B`` strings; ``solution`` entries are
+  ``None`` when ``Columns.solution`` is ``None``).
 - :func:`sft_batches`: RIGHT-padded prompt + response, with ``loss_mask`` ``[B, L]`` int32 = 1
   exactly on the response tokens (eos included), aligned with ``input_ids`` (the logit at
   position ``t - 1`` predicts token ``t``); plus ``pixel_values``, ``image_grid_thw``,
@@ -53,7 +53,8 @@ hosts and stop by step count. The iterator is a
 resume exactly where it stopped, skip counts included.
 
 Lengths: each batch is padded to the smallest of ``DataConfig.buckets`` that fits its longest
-row, so a trainer compiles one program per bucket. Bad rows are skipped and counted per reason
+row, so the text side takes one shape per bucket (the number of image patches per batch still
+varies with the images' sizes and is not bucketed). Bad rows are skipped and counted per reason
 in ``iterator.skipped`` (:data:`SKIP_REASONS`), never raised: a missing or unreadable image, an
 empty question/answer/response, or a sequence (RL: the prompt; SFT/preference: prompt + the
 longest response) longer than the largest bucket. A wrong column name is a configuration error
