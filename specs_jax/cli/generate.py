@@ -32,9 +32,9 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from PIL import Image
-    from transformers import AutoProcessor
 
     import specs_jax
+    from specs_jax.data.tokenizer import load_processor
     from specs_jax.sampling import Sampler, SamplerConfig, SamplingParams
 
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p)
@@ -46,10 +46,7 @@ def run(args: argparse.Namespace) -> int:
             images.append(Image.open(file).convert("RGB"))
         except OSError as e:
             raise ValueError(f"--image {file}: not a readable image ({e})") from e
-    try:
-        processor = AutoProcessor.from_pretrained(args.model)
-    except OSError as e:
-        raise FileNotFoundError(f"--model {args.model}: no processor/tokenizer files found ({e})") from e
+    processor = load_processor(args.model)
     model = specs_jax.load_model(args.model, dtype=args.dtype)
     sampler = Sampler(model, processor, SamplerConfig(max_new_tokens=args.max_new_tokens))
     out = sampler.generate([args.prompt], [images], n=args.num_samples, params=params, seed=args.seed,

@@ -228,21 +228,30 @@ class Sampler:
                  n: int = 1, params: SamplingParams = SamplingParams(), seed: int = 0,
                  stop: Sequence[str] = (), system: str | None = None) -> Generation:
         """Sample from chat prompts. ``prompts[i]`` is a user message (str) or a list of chat messages;
-        ``images[i]`` the PIL images of prompt i (one ``<|image_pad|>`` block each, before the text)."""
-        if self.processor is None:
-            raise ValueError("Sampler.generate needs a processor; use generate_ids for tokenised input")
+        ``images[i]`` the PIL images of prompt i (one ``<|image_pad|>`` block each, before the text).
+        Needs a :class:`specs_jax.data.tokenizer.Processor` (``load_processor``)."""
+        if not hasattr(self.processor, "encode"):
+            raise ValueError("Sampler.generate needs a specs_jax Processor (specs_jax.data.tokenizer.load_processor); "
+                             "use generate_ids for tokenised input")
         images = images or [[] for _ in prompts]
-        texts = []
+        rows, pixels, grids = [], [], []
         for prompt, imgs in zip(prompts, images):
             messages = prompt if isinstance(prompt, list) else [
                 {"role": "user", "content": [*({"type": "image"} for _ in imgs), {"type": "text", "text": prompt}]}]
             if system is not None and not isinstance(prompt, list):
-                messages = [{"role": "system", "content": [{"type": "text", "text": system}]}, *messages]
-            texts.append(self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
-        flat_images = [img for imgs in images for img in imgs]
-        enc = self.processor(text=texts, images=flat_images or None, padding=True, return_tensors="np")
-        return self.generate_ids(enc["input_ids"], enc["attention_mask"], enc.get("pixel_values"),
-                                 enc.get("image_grid_thw"), n=n, params=params, seed=seed, stop=stop)
+                messages = [{"role": "system", "content": system}, *messages]
+            text = self.processor.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            enc = self.processor.encode(text, imgs)
+            rows.append(enc["input_ids"])
+            pixels.append(enc["pixel_values"])
+            grids.append(enc["image_grid_thw"])
+        ids = np.full((len(rows), max(map(len, rows))), self.pad_id, np.int32)
+        mask = np.zeros(ids.shape, bool)
+        for i, row in enumerate(rows):
+            ids[i, ids.shape[1] - len(row):], mask[i, ids.shape[1] - len(row):] = row, True
+        has_images = any(len(g) for g in grids)
+        return self.generate_ids(ids, mask, np.concatenate(pixels) if has_images else None,
+                                 np.concatenate(grids) if has_images else None, n=n, params=params, seed=seed, stop=stop)
 
     def _decode(self, tokens: np.ndarray, mask: np.ndarray, stop: Sequence[str]) -> list[str]:
         """Decode completions; a stop string truncates the text and masks the tokens after the one
