@@ -113,8 +113,9 @@ def create_state(model: Qwen2_5_VLForConditionalGeneration, tx: optax.GradientTr
     """The initial :class:`TrainState` of ``model``, placed with ``shardings``."""
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     trained, frozen = split_frozen(params, freeze_vision)
-    trained = jax.device_put(trained, shardings.params)
-    frozen = jax.device_put(frozen, shardings.frozen)
+    # copies, never aliases of the model's arrays: the step donates the state, the caller keeps its model
+    trained = jax.device_put(trained, shardings.params, may_alias=False)
+    frozen = jax.device_put(frozen, shardings.frozen, may_alias=False)
     opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(trained)
     step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
     rng = jax.device_put(jax.random.PRNGKey(seed), shardings.rng)

@@ -175,7 +175,7 @@ def make_train_step(graphdef: nnx.GraphDef, spec: LossSpec, tx: optax.GradientTr
         (grads, loss, metrics), _ = jax.lax.scan(body, zeros, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads),
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads),
                    "lr": jnp.asarray(schedule(state.step), jnp.float32)}
         return TrainState(state.step + 1, params, state.frozen, opt_state, rng), metrics
 

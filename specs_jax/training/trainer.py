@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import PartitionSpec
+from jax.sharding import Mesh, PartitionSpec
 
 from specs_jax.model import ModelConfig, Qwen2_5_VLForConditionalGeneration, load_preset
 from specs_jax.training.batches import SeqBatch, prepare_dpo, prepare_sft
@@ -60,12 +60,13 @@ def _matmul_params(model: Qwen2_5_VLForConditionalGeneration) -> int:
 class Trainer:
     """SFT or DPO training of a Qwen2.5-VL model as configured by a :class:`RunConfig`.
 
-    ``model``: the policy (default: :func:`build_model`). The DPO reference is a frozen copy of the
+    ``model``: the policy (default: :func:`build_model`); ``mesh``: default ``cfg.mesh`` over all devices. The DPO reference is a frozen copy of the
     starting policy (``model.reference=batch``: log-probs computed in every step) or log-probs
     already in the batches (``precomputed``, see :meth:`precompute_reference`).
     """
 
-    def __init__(self, cfg: RunConfig, kind: str, model: Qwen2_5_VLForConditionalGeneration | None = None):
+    def __init__(self, cfg: RunConfig, kind: str, model: Qwen2_5_VLForConditionalGeneration | None = None,
+                 mesh: Mesh | None = None):
         if kind not in KINDS:
             raise ValueError(f"training kind {kind!r}; expected one of {KINDS}")
         if kind == "sft" and cfg.loss.kwargs:
@@ -73,7 +74,7 @@ class Trainer:
                              f"got {cfg.loss.kwargs}")
         self.cfg, self.kind = cfg, kind
         maybe_initialize_distributed(cfg.mesh.distributed)
-        self.mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+        self.mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor) if mesh is None else mesh
         rules = make_rules(cfg.mesh.rules)
         model = build_model(cfg) if model is None else model
         self.model_cfg: ModelConfig = model.config
