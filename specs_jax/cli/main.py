@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from specs_jax.cli import convert, generate, init, train
+from specs_jax.cli import convert, data, generate, init, train
 
-COMMANDS = (init, convert, generate, train)
+COMMANDS = (init, convert, generate, train, data)
 
 
 def build_parser() -> argparse.ArgumentParser:
