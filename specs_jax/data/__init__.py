@@ -1,7 +1,8 @@
 """Data preparation for specs-jax.
 
-The pipeline (:mod:`specs_jax.data.pipeline`, grain) and processor
-(:mod:`specs_jax.data.tokenizer`) names are imported lazily on first access.
+The pipeline (:mod:`specs_jax.data.pipeline`, grain), processor
+(:mod:`specs_jax.data.tokenizer`) and synthetic dataset (:mod:`specs_jax.data.synth`) names are
+imported lazily on first access.
 """
 
 from specs_jax.data.pairs import PairConfig, PromptSamples, build_pairs, save_pairs
@@ -11,6 +12,7 @@ _LAZY = {
                                 "preference_batches"),
     "specs_jax.data.tokenizer": ("Processor", "ProcessorConfig", "build_processor", "load_processor",
                                  "model_token_fields"),
+    "specs_jax.data.synth": ("SynthConfig", "synth_dataset", "save_synth"),
 }
 
 __all__ = ["PairConfig", "PromptSamples", "build_pairs", "save_pairs"] + [n for names in _LAZY.values() for n in names]
