@@ -33,6 +33,9 @@ def run(args: argparse.Namespace) -> int:
     from specs_jax.training.trainer import Trainer
 
     cfg = load_config(args.config[0], args.config[1:])
+    if args.kind == "dpo" and cfg.model.reference == "precomputed":
+        raise ValueError("model.reference=precomputed needs batches carrying reference log-probs; the synthetic "
+                         "data source has none (use model.reference=batch)")
     trainer = Trainer(cfg, args.kind)
     rows = process_batch_slice(cfg.train.batch_size)
     data = SyntheticSource(trainer.model_cfg, args.kind, rows.stop - rows.start, cfg.train.max_length,

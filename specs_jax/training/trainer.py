@@ -125,8 +125,21 @@ class Trainer:
                 make_eval_step(self.graphdef, self.spec, self.shardings, sh, self.extra_shardings))
         return self._step_fns[key]
 
+    def _check_reference(self, batch: dict[str, np.ndarray]) -> None:
+        """A DPO batch carries reference log-probs exactly when ``model.reference=precomputed``."""
+        if self.kind != "dpo":
+            return
+        has_ref = "ref_chosen_logps" in batch
+        if self.extra is None and not has_ref:
+            raise ValueError("model.reference=precomputed but the batch has no ref_chosen_logps/"
+                             "ref_rejected_logps (see Trainer.precompute_reference)")
+        if self.extra is not None and has_ref:
+            raise ValueError("the batch carries precomputed reference log-probs but model.reference=batch; "
+                             "set model.reference=precomputed to use them")
+
     def train_step(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
         """One optimizer step on a host batch; returns the metrics as floats (raises on NaN/Inf)."""
+        self._check_reference(batch)
         prepared = self.prepare(batch)
         step = int(self.state.step)
         self.state, metrics = self._fns(prepared)[0](self.state, prepared, self.extra)
@@ -139,6 +152,7 @@ class Trainer:
         sums: dict[str, float] = {}
         n = 0
         for batch in batches:
+            self._check_reference(batch)
             prepared = self.prepare(batch, accum=1)
             out = jax.device_get(self._fns(prepared)[1](self.state, prepared, self.extra))
             for k, v in out.items():
