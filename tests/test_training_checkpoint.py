@@ -58,12 +58,12 @@ def straight(tmp_path_factory):
     trainer, data = _trainer(out, ["checkpoint.every=1", "checkpoint.keep_last_n=2",
                                    "checkpoint.keep_best_metric=loss", "checkpoint.best_mode=max"])
     history = trainer.fit(data)
-    yield trainer, history, out
+    yield trainer, history
     trainer.close()
 
 
 def test_kill_and_resume_is_exact(straight, tmp_path):
-    _, history, _ = straight
+    _, history = straight
     first, data = _trainer(tmp_path, ["checkpoint.every=3"])
     with pytest.raises(Killed):
         first.fit(DiesAfter(data, 3))
@@ -81,7 +81,7 @@ def test_kill_and_resume_is_exact(straight, tmp_path):
 
 
 def test_keeps_last_n_and_best(straight):
-    trainer, history, _ = straight
+    trainer, history = straight
     best = 1 + int(np.argmax([m["loss"] for m in history]))
     assert trainer.checkpointer.all_steps() == sorted({STEPS - 1, STEPS, best})
 
@@ -91,7 +91,7 @@ def test_export_hf_round_trips(straight, tmp_path):
     from specs_jax.convert.io import model_params
     from specs_jax.training.checkpoint import export_hf
 
-    trainer, _, out = straight
+    trainer, _ = straight
     export_hf(trainer.checkpointer.directory, trainer.model_cfg, tmp_path / "hf")
     loaded = model_params(load_model(tmp_path / "hf"))
     expected = jax.device_get(join_params(trainer.state.params, trainer.state.frozen))
@@ -103,7 +103,7 @@ def test_export_hf_round_trips(straight, tmp_path):
 
 
 def test_nan_guard_names_step_and_saves_nothing(straight):
-    trainer, _, _ = straight
+    trainer, _ = straight
     saved = trainer.checkpointer.all_steps()
     params = trainer.state.params
     emb = params["model"]["language_model"]["embed_tokens"]["weight"]

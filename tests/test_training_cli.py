@@ -16,12 +16,14 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 def test_tiny_config_trains_and_loss_falls_on_a_fixed_batch(kind, tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["train", kind, "--config", str(CONFIGS / f"{kind}_tiny.yaml"), "train.steps=3",
-            f"train.output_dir={out}", "data.num_batches=1", "checkpoint.every=2"]
+            f"train.output_dir={out}", "data.num_batches=1", "checkpoint.every=2", "train.eval_every=2",
+            "data.eval_batches=1"]
     assert main(argv) == 0
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3]
     assert lines[-1]["loss"] < lines[0]["loss"]
     assert all(m["perf/tokens_per_s"] > 0 for m in lines)
+    assert "eval/loss" in lines[1] and "eval/loss" not in lines[0]
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "3"]
     assert any((out / "tensorboard").iterdir())
     assert f"train {kind}: steps 1..3" in capsys.readouterr().out

@@ -38,11 +38,17 @@ def run(args: argparse.Namespace) -> int:
                          "data source has none (use model.reference=batch)")
     trainer = Trainer(cfg, args.kind)
     rows = process_batch_slice(cfg.train.batch_size)
-    data = SyntheticSource(trainer.model_cfg, args.kind, rows.stop - rows.start, cfg.train.max_length,
-                           seed=cfg.train.seed, response_fraction=cfg.data.response_fraction,
-                           image_grid=tuple(cfg.data.image_grid) or None, num_batches=cfg.data.num_batches,
-                           process=jax.process_index())
-    history = trainer.fit(data, resume=args.resume)
+
+    def source(seed: int, num_batches: int) -> SyntheticSource:
+        return SyntheticSource(trainer.model_cfg, args.kind, rows.stop - rows.start, cfg.train.max_length, seed=seed,
+                               response_fraction=cfg.data.response_fraction,
+                               image_grid=tuple(cfg.data.image_grid) or None, num_batches=num_batches,
+                               process=jax.process_index())
+
+    data = source(cfg.train.seed, cfg.data.num_batches)
+    held_out = source(cfg.train.seed + 1, cfg.data.eval_batches)
+    eval_data = [next(held_out) for _ in range(cfg.data.eval_batches)] if cfg.train.eval_every else None
+    history = trainer.fit(data, eval_data, resume=args.resume)
     trainer.close()
     if history:
         first, last = history[0], history[-1]

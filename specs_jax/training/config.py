@@ -123,6 +123,7 @@ class DataConfig:
     response_fraction: float = 0.5  # synthetic: share of each row that is response
     num_batches: int = 0  # synthetic: cycle over this many distinct batches (1: a fixed batch); 0: endless
     image_grid: list = dataclasses.field(default_factory=list)  # synthetic: [t, h, w] patches of one image per row
+    eval_batches: int = 2  # synthetic: held-out batches evaluated every train.eval_every steps
 
 
 @dataclasses.dataclass
@@ -150,7 +151,7 @@ CHOICES = {
     "data.source": ("synthetic",),
 }
 POSITIVE = ("train.steps", "train.batch_size", "train.max_length", "train.log_every", "optim.grad_accum_steps",
-            "checkpoint.keep_last_n")
+            "checkpoint.keep_last_n", "data.eval_batches")
 NON_NEGATIVE = ("optim.warmup_steps", "train.eval_every", "checkpoint.every", "data.num_batches")
 
 

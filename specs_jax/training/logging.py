@@ -17,7 +17,7 @@ from typing import Any
 
 import jax
 
-__all__ = ["MetricLogger", "NonFiniteLossError", "PEAK_FLOPS", "check_finite", "peak_flops_per_device"]
+__all__ = ["PEAK_FLOPS", "MetricLogger", "NonFiniteLossError", "check_finite", "peak_flops_per_device"]
 
 # Dense bf16 peak FLOP/s per device (per chip for TPUs), from the vendors' data sheets.
 PEAK_FLOPS: dict[str, float] = {
@@ -75,7 +75,7 @@ class MetricLogger:
             return
         self.out.mkdir(parents=True, exist_ok=True)
         if jsonl:
-            self.jsonl = open(self.out / "metrics.jsonl", "a")
+            self.jsonl = open(self.out / "metrics.jsonl", "a")  # noqa: SIM115 (closed by close())
         if tensorboard:
             from tensorboardX import SummaryWriter
 

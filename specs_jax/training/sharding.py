@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 __all__ = [
     "BATCH_AXES", "DEFAULT_RULES", "MESH_AXES", "batch_spec", "logical_to_spec", "make_mesh", "make_rules",
-    "maybe_initialize_distributed", "param_shardings", "process_batch_slice", "shard_batch", "tree_shardings_like",
+    "maybe_initialize_distributed", "param_shardings", "process_batch_slice", "tree_shardings_like",
 ]
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -135,13 +135,8 @@ def process_batch_slice(global_batch: int, process_index: int | None = None,
     return slice(i * per, (i + 1) * per)
 
 
-def shard_batch(local: Mapping[str, np.ndarray], shardings: Mapping[str, NamedSharding]) -> dict[str, jax.Array]:
-    """Global arrays from this host's rows (``jax.make_array_from_process_local_data``), one per key."""
-    return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v)) for k, v in local.items()}
-
-
 MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
-                 "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
+                 "TPU_WORKER_HOSTNAMES", "CLOUD_TPU_TASK_ID", "MEGASCALE_COORDINATOR_ADDRESS")
 
 
 def maybe_initialize_distributed(enabled: bool) -> bool:

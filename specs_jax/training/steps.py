@@ -30,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from specs_jax.losses import get_loss, token_logps_from_hidden
 from specs_jax.training.batches import SeqBatch
-from specs_jax.training.sharding import BATCH_AXES
+from specs_jax.training.sharding import batch_spec
 from specs_jax.training.state import TrainState, join_params, model_from_params
 
 __all__ = [
@@ -122,9 +122,7 @@ def batch_shardings(batch: SeqBatch, mesh: Mesh) -> SeqBatch:
     """Shardings of a stacked batch: rows (axis 1; axis 2 of ``positions [A, 3, b, T]``) over the
     ``(data, fsdp)`` axes, image arrays replicated."""
     def rows(axis: int, x) -> NamedSharding:
-        spec = [None] * x.ndim
-        spec[axis] = BATCH_AXES
-        return NamedSharding(mesh, PartitionSpec(*spec))
+        return NamedSharding(mesh, batch_spec(x.ndim, axis))
 
     replicated = NamedSharding(mesh, PartitionSpec())
     n = mesh.shape["data"] * mesh.shape["fsdp"]

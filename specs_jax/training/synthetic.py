@@ -83,7 +83,7 @@ class SyntheticSource:
         self.num_batches, self.process = num_batches, process
         self.next = 0
 
-    def __iter__(self) -> "SyntheticSource":
+    def __iter__(self) -> SyntheticSource:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:

@@ -24,10 +24,23 @@ from specs_jax.training.checkpoint import Checkpointer
 from specs_jax.training.config import RunConfig, to_dict
 from specs_jax.training.logging import MetricLogger, check_finite
 from specs_jax.training.sharding import make_mesh, make_rules, maybe_initialize_distributed
-from specs_jax.training.state import (FROZEN_VISION_PATH, create_state, join_params, lr_schedule,
-                                      make_optimizer, state_shardings)
-from specs_jax.training.steps import (LossSpec, batch_shardings, dpo_spec, make_eval_step, make_train_step,
-                                      sequence_logps, sft_spec)
+from specs_jax.training.state import (
+    FROZEN_VISION_PATH,
+    create_state,
+    join_params,
+    lr_schedule,
+    make_optimizer,
+    state_shardings,
+)
+from specs_jax.training.steps import (
+    LossSpec,
+    batch_shardings,
+    dpo_spec,
+    make_eval_step,
+    make_train_step,
+    sequence_logps,
+    sft_spec,
+)
 
 __all__ = ["KINDS", "Trainer", "build_model"]
 
