@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from specs_jax.cli.main import main
@@ -18,6 +19,8 @@ def test_tiny_config_trains_and_loss_falls_on_a_fixed_batch(kind, tmp_path, caps
     argv = ["train", kind, "--config", str(CONFIGS / f"{kind}_tiny.yaml"), "train.steps=3",
             f"train.output_dir={out}", "data.num_batches=1", "checkpoint.every=2", "train.eval_every=2",
             "data.eval_batches=1"]
+    if kind == "sft":  # bf16 compute with fp32 master weights, exported as HF at the end
+        argv += ["model.dtype=bfloat16", "--export-hf", str(tmp_path / "hf")]
     assert main(argv) == 0
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3]
@@ -27,6 +30,11 @@ def test_tiny_config_trains_and_loss_falls_on_a_fixed_batch(kind, tmp_path, caps
     assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "3"]
     assert any((out / "tensorboard").iterdir())
     assert f"train {kind}: steps 1..3" in capsys.readouterr().out
+    if kind == "sft":
+        from safetensors.numpy import load_file
+
+        weights = load_file(tmp_path / "hf" / "model.safetensors")
+        assert weights and {w.dtype for w in weights.values()} == {np.dtype(np.float32)}
 
 
 @pytest.mark.parametrize("override, message", [

@@ -73,7 +73,9 @@ def _matmul_params(model: Qwen2_5_VLForConditionalGeneration) -> int:
 class Trainer:
     """SFT or DPO training of a Qwen2.5-VL model as configured by a :class:`RunConfig`.
 
-    ``model``: the policy (default: :func:`build_model`); ``mesh``: default ``cfg.mesh`` over all devices. The DPO reference is a frozen copy of the
+    ``model``: the policy (default: :func:`build_model`; a given model brings its own dtypes and remat
+    policy, ``cfg.model.path/preset/dtype/param_dtype/remat`` are then unused); ``mesh``: default
+    ``cfg.mesh`` over all devices. The DPO reference is a frozen copy of the
     starting policy (``model.reference=batch``: log-probs computed in every step) or log-probs
     already in the batches (``precomputed``, see :meth:`precompute_reference`).
     """
@@ -210,6 +212,9 @@ class Trainer:
         ``checkpoint.every`` steps and at the end; evaluates every ``train.eval_every`` steps on
         ``eval_data`` (re-iterated each time). A NaN/Inf loss stops the run before anything is saved."""
         cfg = self.cfg
+        if not resume and self.checkpointer.latest_step() is not None:
+            raise ValueError(f"{self.checkpointer.directory} already holds checkpoints (steps "
+                             f"{self.checkpointer.all_steps()}); resume, or set another checkpoint.dir")
         start = self.resume(data) if resume else 0
         it = iter(data)
         if start and not hasattr(data, "restore"):
