@@ -16,8 +16,9 @@ from specs_jax.training.trainer import Trainer
 def test_precomputed_reference_equals_per_batch_reference(tmp_path):
     model = small_model()
     batches = [random_dpo_batch(model.config, np.random.RandomState(i), 4, 16) for i in range(2)]
-    per_batch = Trainer(run_config("dpo", str(tmp_path / "a"), []), "dpo", model)
-    precomputed = Trainer(run_config("dpo", str(tmp_path / "b"), ["model.reference=precomputed"]), "dpo", model)
+    per_batch = Trainer(run_config("dpo", str(tmp_path / "a"), ["train.batch_size=4"]), "dpo", model)
+    precomputed = Trainer(run_config("dpo", str(tmp_path / "b"), ["train.batch_size=4", "model.reference=precomputed"]),
+                          "dpo", model)
     with_ref = list(precomputed.precompute_reference(batches))
     assert with_ref[0]["ref_chosen_logps"].shape == (4, 16)
 
@@ -25,6 +26,8 @@ def test_precomputed_reference_equals_per_batch_reference(tmp_path):
         precomputed.train_step(batches[0])
     with pytest.raises(ValueError, match="set model.reference=precomputed"):
         per_batch.train_step(with_ref[0])
+    with pytest.raises(ValueError, match="batch of 2 rows .* train.batch_size=4"):
+        per_batch.train_step({k: v[:2] for k, v in batches[0].items()})
 
     before = per_batch.evaluate(batches[:1])  # evaluation = the training loss without the update
     for plain, ref in zip(batches, with_ref):

@@ -155,6 +155,10 @@ class Trainer:
     def train_step(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
         """One optimizer step on a host batch; returns the metrics as floats (raises on NaN/Inf)."""
         self._check_reference(batch)
+        rows = len(batch["input_ids" if self.kind == "sft" else "chosen_input_ids"])
+        if rows * jax.process_count() != self.cfg.train.batch_size:
+            raise ValueError(f"batch of {rows} rows on each of {jax.process_count()} process(es), but "
+                             f"train.batch_size={self.cfg.train.batch_size}")
         prepared = self.prepare(batch)
         step = int(self.state.step)
         self.state, metrics = self._fns(prepared)[0](self.state, prepared, self.extra)
