@@ -32,11 +32,11 @@ class DiesAfter:
                 raise Killed
             yield batch
 
-    def state(self):
-        return self.source.state()
+    def get_state(self):
+        return self.source.get_state()
 
-    def restore(self, state):
-        self.source.restore(state)
+    def set_state(self, state):
+        self.source.set_state(state)
 
 
 def _trainer(out, overrides):

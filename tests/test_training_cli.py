@@ -52,3 +52,38 @@ def test_sft_refuses_loss_options(tmp_path, capsys):
             f"train.output_dir={tmp_path}"]
     assert main(argv) == 2
     assert "loss.kwargs" in capsys.readouterr().err
+
+
+def test_dpo_trains_on_preference_files_through_the_data_pipeline(tmp_path, capsys):
+    """data.source=files: preference rows (jsonl + image folder) -> specs_jax.data.pipeline -> DPO."""
+    from PIL import Image
+    from test_training_sharded import random_model
+
+    from specs_jax.convert.io import save_model
+    from specs_jax.data.tokenizer import ProcessorConfig, build_processor, model_token_fields
+    from specs_jax.model import from_hf_dict, load_preset
+
+    good = "<think>The base is 4 and the height is 3, so the area is 6.</think><answer>\\boxed{6}</answer>"
+    bad = "The base is 4 and the height is 3, so the area is 6. Answer: \\boxed{6}"
+    processor = build_processor(["What is the area of the triangle?", good, bad] * 20, ProcessorConfig(vocab_size=512))
+    cfg = from_hf_dict({**load_preset("tiny").hf_config, **model_token_fields(processor.tokenizer)})
+    model_dir = save_model(random_model(cfg), tmp_path / "model", fmt="hf")
+    processor.save_pretrained(model_dir)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8)).save(tmp_path / f"img{i}.png")
+        rows.append({"question": f"What is the area of triangle {i}?", "image": [f"img{i}.png"], "chosen": good,
+                     "rejected": bad})
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    out = tmp_path / "run"
+    argv = ["train", "dpo", "--config", str(CONFIGS / "dpo_tiny.yaml"), f"model.path={model_dir}",
+            "data.source=files", f"data.train_path={tmp_path / 'pairs.jsonl'}", f"data.image_root={tmp_path}",
+            "data.buckets=[64, 128]", "train.batch_size=2", "train.steps=2", f"train.output_dir={out}"]
+    assert main(argv) == 0
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2]
+    assert all(np.isfinite(m["loss"]) and m["tokens"] > 0 for m in lines)
+    state = json.loads(next((out / "checkpoints" / "2" / "data").glob("*")).read_text())
+    assert "parent" in state  # the grain iterator's position is checkpointed

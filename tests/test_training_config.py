@@ -143,18 +143,24 @@ def test_micro_batches_carry_their_rows_images():
     assert stacked.labels.shape == (2, 2, 24) and stacked.inputs.vision.pixel_values.shape == (2, 32, 1176)
     np.testing.assert_array_equal(stacked.inputs.vision.pixel_values[1], batch["pixel_values"][32:])
     np.testing.assert_array_equal(stacked.labels[1, :, :-1], batch["input_ids"][2:, 1:])
-    expected_mask = batch["response_mask"][2:, 1:] * batch["attention_mask"][2:, 1:]
+    expected_mask = batch["loss_mask"][2:, 1:] * batch["attention_mask"][2:, 1:]
     np.testing.assert_array_equal(stacked.mask[1, :, :-1], expected_mask)
     assert not stacked.mask[..., -1].any()
 
-    pairs = random_dpo_batch(cfg, np.random.RandomState(1), 2, 24, image_grid=(1, 4, 4))
-    seq = prepare_dpo(cfg, pairs, 1)
-    np.testing.assert_array_equal(seq.inputs.input_ids[0], np.concatenate([pairs["chosen_input_ids"],
-                                                                           pairs["rejected_input_ids"]]))
-    # the rejected rows show the chosen rows' images
-    np.testing.assert_array_equal(seq.inputs.vision.pixel_values[0], np.concatenate([pairs["pixel_values"]] * 2))
+    # 4 pairs = 8 rows (chosen 0-3, rejected 4-7); micro-batch 1 holds pairs 2, 3: rows 2, 3, 6, 7
+    pairs = random_dpo_batch(cfg, np.random.RandomState(1), 4, 24, image_grid=(1, 4, 4))
+    assert pairs["input_ids"].shape == (8, 24) and pairs["pixel_values"].shape == (8 * 16, 1176)
+    seq = prepare_dpo(cfg, pairs, 2)
+    np.testing.assert_array_equal(seq.inputs.input_ids[1], pairs["input_ids"][[2, 3, 6, 7]])
+    patches = pairs["pixel_values"].reshape(8, 16, -1)[[2, 3, 6, 7]].reshape(64, -1)
+    np.testing.assert_array_equal(seq.inputs.vision.pixel_values[1], patches)
+    # a pair shares its prompt (and image)
+    prompt = int(pairs["loss_mask"][0].argmax())
+    np.testing.assert_array_equal(pairs["input_ids"][:4, :prompt], pairs["input_ids"][4:, :prompt])
     with pytest.raises(ValueError, match="missing"):
-        prepare_dpo(cfg, batch, 1)
+        prepare_dpo(cfg, {"input_ids": pairs["input_ids"]}, 1)
+    with pytest.raises(ValueError, match="2B rows"):
+        prepare_dpo(cfg, {k: v[:3] for k, v in batch.items() if k in ("input_ids", "attention_mask", "loss_mask")}, 1)
 
 
 def test_nan_guard_and_peak_flops():

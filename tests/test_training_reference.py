@@ -20,14 +20,14 @@ def test_precomputed_reference_equals_per_batch_reference(tmp_path):
     precomputed = Trainer(run_config("dpo", str(tmp_path / "b"), ["train.batch_size=4", "model.reference=precomputed"]),
                           "dpo", model)
     with_ref = list(precomputed.precompute_reference(batches))
-    assert with_ref[0]["ref_chosen_logps"].shape == (4, 16)
+    assert with_ref[0]["ref_logps"].shape == (8, 16)
 
-    with pytest.raises(ValueError, match="model.reference=precomputed but the batch has no ref_chosen_logps"):
+    with pytest.raises(ValueError, match="model.reference=precomputed but the batch has no ref_logps"):
         precomputed.train_step(batches[0])
     with pytest.raises(ValueError, match="set model.reference=precomputed"):
         per_batch.train_step(with_ref[0])
-    with pytest.raises(ValueError, match="batch of 2 rows .* train.batch_size=4"):
-        per_batch.train_step({k: v[:2] for k, v in batches[0].items()})
+    with pytest.raises(ValueError, match="batch of 2 pairs .* train.batch_size=4"):
+        per_batch.train_step(random_dpo_batch(model.config, np.random.RandomState(9), 2, 16))
 
     before = per_batch.evaluate(batches[:1])  # evaluation = the training loss without the update
     for plain, ref in zip(batches, with_ref):

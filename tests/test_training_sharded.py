@@ -33,14 +33,19 @@ def small_model_config(dtype: str = "float32"):
 
 @functools.cache
 def small_model():
-    """One random model per process, filled from numpy (eager NNX initialisation takes seconds):
-    N(0, 0.02) weights, zero biases, unit norm weights. The Trainer copies its parameters."""
+    """One random model per process (the Trainer copies its parameters)."""
+    return random_model(small_model_config())
+
+
+def random_model(cfg):
+    """A model filled from numpy (eager NNX initialisation takes seconds): N(0, 0.02) weights, zero
+    biases, unit norm weights."""
     import numpy as np
     from flax import nnx
 
     from specs_jax.convert.io import abstract_model
 
-    graphdef, state = nnx.split(abstract_model(small_model_config()))
+    graphdef, state = nnx.split(abstract_model(cfg))
     rs = np.random.RandomState(0)
     for path, var in nnx.to_flat_state(state):
         name = ".".join(map(str, path))

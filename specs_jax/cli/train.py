@@ -12,7 +12,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Train with a YAML run config (configs/*.yaml, merged over its base_config) and "
                                    "dotted key=value overrides, e.g. `optim.lr=1e-6 train.steps=100`. Resumes from "
                                    "the latest checkpoint in the checkpoint directory unless --no-resume. Data: "
-                                   "random token ids (data.source=synthetic) until the datasets pipeline lands.")
+                                   "random token ids (data.source=synthetic) or data files through "
+                                   "specs_jax.data.pipeline (data.source=files, data.train_path=...).")
     p.add_argument("kind", choices=KINDS, help="sft: token-mean NLL of the response; dpo: preference loss "
                                                "(loss.name, default dpo_hybrid) against a frozen reference")
     p.add_argument("--config", required=True, nargs="+", metavar=("CONFIG", "KEY=VALUE"),
@@ -23,31 +24,62 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def _synthetic(cfg, trainer, kind: str, rows: int):
+    """(train source, eval batches or None) of random token ids."""
     import jax
 
-    from specs_jax.training.checkpoint import export_hf
-    from specs_jax.training.config import load_config
-    from specs_jax.training.sharding import process_batch_slice
     from specs_jax.training.synthetic import SyntheticSource
-    from specs_jax.training.trainer import Trainer
-
-    cfg = load_config(args.config[0], args.config[1:])
-    if args.kind == "dpo" and cfg.model.reference == "precomputed":
-        raise ValueError("model.reference=precomputed needs batches carrying reference log-probs; the synthetic "
-                         "data source has none (use model.reference=batch)")
-    trainer = Trainer(cfg, args.kind)
-    rows = process_batch_slice(cfg.train.batch_size)
 
     def source(seed: int, num_batches: int) -> SyntheticSource:
-        return SyntheticSource(trainer.model_cfg, args.kind, rows.stop - rows.start, cfg.train.max_length, seed=seed,
+        return SyntheticSource(trainer.model_cfg, kind, rows, cfg.train.max_length, seed=seed,
                                response_fraction=cfg.data.response_fraction,
                                image_grid=tuple(cfg.data.image_grid) or None, num_batches=num_batches,
                                process=jax.process_index())
 
-    data = source(cfg.train.seed, cfg.data.num_batches)
     held_out = source(cfg.train.seed + 1, cfg.data.eval_batches)
     eval_data = [next(held_out) for _ in range(cfg.data.eval_batches)] if cfg.train.eval_every else None
+    return source(cfg.train.seed, cfg.data.num_batches), eval_data
+
+
+def _files(cfg, kind: str, rows: int):
+    """(train iterator, eval batches or None) from :mod:`specs_jax.data.pipeline` (this process's shard)."""
+    import dataclasses
+    import itertools
+
+    import jax
+
+    from specs_jax.data.pipeline import DataConfig, load_rows, preference_batches, sft_batches
+    from specs_jax.data.tokenizer import load_processor
+
+    processor = load_processor(cfg.data.processor or cfg.model.path)
+    make = sft_batches if kind == "sft" else preference_batches
+    pipe = DataConfig(batch_size=rows, buckets=tuple(cfg.data.buckets) or (cfg.train.max_length,),
+                      seed=cfg.train.seed, num_epochs=None, image_root=cfg.data.image_root,
+                      shard_index=jax.process_index(), shard_count=jax.process_count())
+    eval_data = None
+    if cfg.train.eval_every and cfg.data.eval_path is not None:
+        held_out = make(load_rows(cfg.data.eval_path), processor,
+                        dataclasses.replace(pipe, num_epochs=1, shuffle=False, drop_remainder=False))
+        eval_data = list(itertools.islice(held_out, cfg.data.eval_batches))
+    return make(load_rows(cfg.data.train_path), processor, pipe), eval_data
+
+
+def run(args: argparse.Namespace) -> int:
+    from specs_jax.training.checkpoint import export_hf
+    from specs_jax.training.config import load_config
+    from specs_jax.training.sharding import process_batch_slice
+    from specs_jax.training.trainer import Trainer
+
+    cfg = load_config(args.config[0], args.config[1:])
+    if args.kind == "dpo" and cfg.model.reference == "precomputed":
+        raise ValueError("model.reference=precomputed needs batches carrying reference log-probs (ref_logps); "
+                         "the CLI's data sources have none (use model.reference=batch)")
+    trainer = Trainer(cfg, args.kind)
+    rows = process_batch_slice(cfg.train.batch_size)
+    if cfg.data.source == "synthetic":
+        data, eval_data = _synthetic(cfg, trainer, args.kind, rows.stop - rows.start)
+    else:
+        data, eval_data = _files(cfg, args.kind, rows.stop - rows.start)
     history = trainer.fit(data, eval_data, resume=args.resume)
     trainer.close()
     if history:

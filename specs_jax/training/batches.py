@@ -1,20 +1,22 @@
 """The trainer's data interface: host-side numpy batches -> prepared, micro-batched step inputs.
 
 A data source yields plain numpy dicts, one per optimizer step, holding the global batch (or, on
-a multi-host job, this host's rows of it; see :func:`sharding.process_batch_slice`):
+a multi-host job, this host's rows of it; see :func:`sharding.process_batch_slice`), in the
+format of :mod:`specs_jax.data.pipeline` (``sft_batches`` / ``preference_batches``):
 
-- SFT: ``input_ids [B, T]`` int, ``attention_mask [B, T]``, ``response_mask [B, T]`` (1 on the
-  tokens to learn, i.e. the response; 0 on prompt and padding).
-- DPO: ``chosen_input_ids``, ``chosen_attention_mask``, ``chosen_response_mask`` and the same
-  three ``rejected_*`` arrays, all ``[B, T]`` (chosen and rejected padded to one ``T``);
-  optionally ``ref_chosen_logps``/``ref_rejected_logps [B, T]`` (precomputed reference, aligned
-  with :attr:`SeqBatch.labels`).
+- SFT: ``input_ids [B, T]`` int, ``attention_mask [B, T]``, ``loss_mask [B, T]`` (1 on the
+  tokens to learn, i.e. the response, aligned with ``input_ids``; 0 on prompt and padding).
+- DPO: the same three arrays with ``2B`` rows: the chosen rows ``0..B-1``, then the rejected
+  rows ``B..2B-1`` of the same pairs in the same order; optionally ``ref_logps [2B, T]``
+  (precomputed reference log-probs, aligned with :attr:`SeqBatch.labels`).
 - Optional images for both: ``pixel_values [N, C*T*P*P]`` and ``image_grid_thw [I, 3]`` as
-  transformers' processor returns them, images in row-major order of their ``<|image_pad|>``
-  tokens (for DPO, the images of the chosen rows; the rejected row of a pair shows the same image).
+  transformers' processor returns them (or None), images in row-major order of their
+  ``<|image_pad|>`` tokens (for DPO: the chosen rows' images, then the same for the rejected rows).
+  Other keys (``row_id``, ...) are ignored.
 
-:func:`prepare_sft` / :func:`prepare_dpo` split the rows into ``grad_accum_steps`` micro-batches,
-prepare each with :func:`specs_jax.model.prepare_inputs` and stack them on a leading axis.
+:func:`prepare_sft` / :func:`prepare_dpo` split the rows into ``grad_accum_steps`` micro-batches
+(for DPO: of whole pairs), prepare each with :func:`specs_jax.model.prepare_inputs` and stack them
+on a leading axis.
 """
 
 from __future__ import annotations
@@ -28,9 +30,8 @@ from specs_jax.model import ModelConfig, ModelInputs, prepare_inputs
 
 __all__ = ["SeqBatch", "prepare_dpo", "prepare_sequences", "prepare_sft", "stack_micro"]
 
-SFT_KEYS = ("input_ids", "attention_mask", "response_mask")
-DPO_KEYS = tuple(f"{side}_{k}" for side in ("chosen", "rejected") for k in SFT_KEYS)
-REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
+ROW_KEYS = ("input_ids", "attention_mask", "loss_mask")
+REF_KEY = "ref_logps"
 
 
 class SeqBatch(NamedTuple):
@@ -45,16 +46,16 @@ class SeqBatch(NamedTuple):
 
 
 def prepare_sequences(cfg: ModelConfig, input_ids: np.ndarray, attention_mask: np.ndarray,
-                      response_mask: np.ndarray, pixel_values: np.ndarray | None = None,
+                      loss_mask: np.ndarray, pixel_values: np.ndarray | None = None,
                       image_grid_thw: np.ndarray | None = None,
                       ref_logps: np.ndarray | None = None) -> SeqBatch:
     """One :class:`SeqBatch`: the label at position ``t`` is token ``t+1``; it counts where token
-    ``t+1`` is an attended response token (the last position never counts)."""
+    ``t+1`` is an attended ``loss_mask`` token (the last position never counts)."""
     ids = np.asarray(input_ids)
     attn = np.asarray(attention_mask).astype(bool)
-    resp = np.asarray(response_mask).astype(bool)
+    resp = np.asarray(loss_mask).astype(bool)
     if resp.shape != ids.shape:
-        raise ValueError(f"response_mask shape {resp.shape} != input_ids shape {ids.shape}")
+        raise ValueError(f"loss_mask shape {resp.shape} != input_ids shape {ids.shape}")
     inputs = prepare_inputs(cfg, ids, attn, pixel_values, image_grid_thw)
     labels = np.concatenate([ids[:, 1:], np.zeros_like(ids[:, :1])], axis=1).astype(np.int32)
     mask = np.concatenate([resp[:, 1:] & attn[:, 1:], np.zeros_like(resp[:, :1])], axis=1).astype(np.float32)
@@ -77,20 +78,21 @@ def _image_rows(cfg: ModelConfig, input_ids: np.ndarray, attention_mask: np.ndar
     return rows
 
 
-def _select_rows(cfg: ModelConfig, batch: Mapping[str, np.ndarray], rows: np.ndarray, row_keys: tuple[str, ...],
-                 id_key: str, mask_key: str) -> dict[str, np.ndarray]:
-    """The given rows of ``batch`` (``row_keys`` arrays) with the images those rows show."""
-    out = {k: np.asarray(batch[k])[rows] for k in row_keys if k in batch}
+def _select_rows(cfg: ModelConfig, batch: Mapping[str, np.ndarray], rows: np.ndarray) -> SeqBatch:
+    """The prepared :class:`SeqBatch` of the given rows of ``batch``, with the images those rows show."""
+    out = {k: np.asarray(batch[k])[rows] for k in (*ROW_KEYS, REF_KEY) if batch.get(k) is not None}
+    out["pixel_values"] = out["image_grid_thw"] = None
     if batch.get("pixel_values") is not None:
         grid = np.asarray(batch["image_grid_thw"]).reshape(-1, 3)
-        image_row = _image_rows(cfg, np.asarray(batch[id_key]), np.asarray(batch[mask_key]), grid)
+        image_row = _image_rows(cfg, np.asarray(batch["input_ids"]), np.asarray(batch["attention_mask"]), grid)
         patch_end = np.cumsum(grid.prod(-1))
         patch_start = patch_end - grid.prod(-1)
         keep = [i for r in rows for i in np.flatnonzero(image_row == r)]
         pixels = np.asarray(batch["pixel_values"])
         out["pixel_values"] = np.concatenate([pixels[patch_start[i]:patch_end[i]] for i in keep]) if keep else None
         out["image_grid_thw"] = grid[keep] if keep else None
-    return out
+    return prepare_sequences(cfg, out["input_ids"], out["attention_mask"], out["loss_mask"], out["pixel_values"],
+                             out["image_grid_thw"], out.get(REF_KEY))
 
 
 def stack_micro(parts: list[SeqBatch]) -> SeqBatch:
@@ -112,47 +114,29 @@ def stack_micro(parts: list[SeqBatch]) -> SeqBatch:
 
 def _micro_rows(n_rows: int, accum: int) -> list[np.ndarray]:
     if n_rows % accum:
-        raise ValueError(f"batch of {n_rows} rows is not divisible by grad_accum_steps={accum}")
+        raise ValueError(f"batch of {n_rows} rows (or pairs) is not divisible by grad_accum_steps={accum}")
     return np.split(np.arange(n_rows), accum)
 
 
-def _check_keys(batch: Mapping[str, np.ndarray], keys: tuple[str, ...], kind: str) -> None:
-    missing = [k for k in keys if k not in batch]
+def _check_keys(batch: Mapping[str, np.ndarray], kind: str) -> None:
+    missing = [k for k in ROW_KEYS if k not in batch]
     if missing:
         raise ValueError(f"{kind} batch is missing {missing}; it has {sorted(batch)}")
 
 
 def prepare_sft(cfg: ModelConfig, batch: Mapping[str, np.ndarray], accum: int) -> SeqBatch:
     """SFT batch dict -> stacked :class:`SeqBatch` ``[accum, B/accum, ...]``."""
-    _check_keys(batch, SFT_KEYS, "SFT")
-    parts = []
-    for rows in _micro_rows(len(batch["input_ids"]), accum):
-        sel = _select_rows(cfg, batch, rows, SFT_KEYS, "input_ids", "attention_mask")
-        parts.append(prepare_sequences(cfg, sel["input_ids"], sel["attention_mask"], sel["response_mask"],
-                                       sel.get("pixel_values"), sel.get("image_grid_thw")))
-    return stack_micro(parts)
+    _check_keys(batch, "SFT")
+    return stack_micro([_select_rows(cfg, batch, rows) for rows in _micro_rows(len(batch["input_ids"]), accum)])
 
 
 def prepare_dpo(cfg: ModelConfig, batch: Mapping[str, np.ndarray], accum: int) -> SeqBatch:
-    """DPO batch dict -> stacked :class:`SeqBatch` ``[accum, 2*B/accum, ...]``: each micro-batch holds
-    its ``b`` chosen rows, then the ``b`` rejected rows of the same pairs (sharing their images)."""
-    _check_keys(batch, DPO_KEYS, "DPO")
-    has_ref = [k in batch for k in REF_KEYS]
-    if any(has_ref) and not all(has_ref):
-        raise ValueError(f"DPO batch has only one of {REF_KEYS}")
-    ids_c, ids_r = np.asarray(batch["chosen_input_ids"]), np.asarray(batch["rejected_input_ids"])
-    if ids_c.shape != ids_r.shape:
-        raise ValueError(f"chosen_input_ids {ids_c.shape} and rejected_input_ids {ids_r.shape} must have one "
-                         "shape (pad both to the same length)")
-    keys = DPO_KEYS + (REF_KEYS if all(has_ref) else ())
-    parts = []
-    for rows in _micro_rows(len(ids_c), accum):
-        sel = _select_rows(cfg, batch, rows, keys, "chosen_input_ids", "chosen_attention_mask")
-        both = {k: np.concatenate([sel[f"chosen_{k}"], sel[f"rejected_{k}"]]) for k in SFT_KEYS}
-        pixels, grid = sel.get("pixel_values"), sel.get("image_grid_thw")
-        if pixels is not None:
-            pixels, grid = np.concatenate([pixels, pixels]), np.concatenate([grid, grid])
-        ref = np.concatenate([sel["ref_chosen_logps"], sel["ref_rejected_logps"]]) if all(has_ref) else None
-        parts.append(prepare_sequences(cfg, both["input_ids"], both["attention_mask"], both["response_mask"],
-                                       pixels, grid, ref))
-    return stack_micro(parts)
+    """DPO batch dict (``2B`` rows, chosen then rejected) -> stacked :class:`SeqBatch`
+    ``[accum, 2*B/accum, ...]``: each micro-batch holds ``b`` pairs' chosen rows, then their rejected rows."""
+    _check_keys(batch, "DPO")
+    n_rows = len(batch["input_ids"])
+    if n_rows % 2:
+        raise ValueError(f"a DPO batch has 2B rows (chosen, then rejected), got {n_rows}")
+    pairs = n_rows // 2
+    return stack_micro([_select_rows(cfg, batch, np.concatenate([p, p + pairs]))
+                        for p in _micro_rows(pairs, accum)])

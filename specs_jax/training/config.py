@@ -117,9 +117,17 @@ class LogConfig:
 
 @dataclasses.dataclass
 class DataConfig:
-    """Where batches come from. ``synthetic``: random token ids (tests, smoke runs)."""
+    """Where batches come from. ``synthetic``: random token ids (tests, smoke runs); ``files``: the
+    datasets + grain pipeline of :mod:`specs_jax.data.pipeline` over ``train_path`` (``sft_batches`` for
+    SFT, ``preference_batches`` for DPO), tokenised by the processor in ``processor`` (default:
+    ``model.path``), padded to the smallest of ``buckets`` (default: ``[train.max_length]``)."""
 
     source: str = "synthetic"
+    train_path: str | None = None  # files: parquet / jsonl / json / csv
+    eval_path: str | None = None  # files: held-out rows evaluated every train.eval_every steps
+    processor: str | None = None  # files: tokenizer + image processor directory
+    image_root: str | None = None  # files: directory of relative image paths
+    buckets: list = dataclasses.field(default_factory=list)  # files: padded lengths (increasing)
     response_fraction: float = 0.5  # synthetic: share of each row that is response
     num_batches: int = 0  # synthetic: cycle over this many distinct batches (1: a fixed batch); 0: endless
     image_grid: list = dataclasses.field(default_factory=list)  # synthetic: [t, h, w] patches of one image per row
@@ -148,7 +156,7 @@ CHOICES = {
     "model.param_dtype": ("float32", "bfloat16", "float16"),
     "optim.schedule": ("constant", "cosine", "linear"),
     "checkpoint.best_mode": ("min", "max"),
-    "data.source": ("synthetic",),
+    "data.source": ("synthetic", "files"),
 }
 POSITIVE = ("train.steps", "train.batch_size", "train.max_length", "train.log_every", "optim.grad_accum_steps",
             "checkpoint.keep_last_n", "data.eval_batches")
@@ -170,6 +178,12 @@ def validate(cfg: RunConfig) -> None:
     for key in NON_NEGATIVE:
         if flat[key] < 0:
             raise ConfigError(f"config key {key!r} must be >= 0, got {flat[key]}")
+    if cfg.data.source == "files":
+        if cfg.data.train_path is None:
+            raise ConfigError("config key 'data.train_path' is required with data.source=files")
+        if cfg.data.processor is None and cfg.model.path is None:
+            raise ConfigError("config key 'data.processor' is required with data.source=files when model.path "
+                              "is null (the processor is read from the model directory otherwise)")
     grid = cfg.data.image_grid
     if grid and (len(grid) != 3 or not all(isinstance(g, int) and g > 0 for g in grid)):
         raise ConfigError(f"config key 'data.image_grid' must be [] or three positive ints [t, h, w], got {grid}")

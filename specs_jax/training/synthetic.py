@@ -31,7 +31,7 @@ def _rows(cfg: ModelConfig, rs: np.random.RandomState, batch: int, length: int, 
     pos = np.arange(length)[None]
     attention = (pos < lengths[:, None]).astype(np.int32)
     response = ((pos >= prompt) & (pos < lengths[:, None])).astype(np.int32)
-    return {"input_ids": np.where(attention > 0, ids, 0), "attention_mask": attention, "response_mask": response}
+    return {"input_ids": np.where(attention > 0, ids, 0), "attention_mask": attention, "loss_mask": response}
 
 
 def _images(cfg: ModelConfig, rs: np.random.RandomState, batch: int,
@@ -53,14 +53,15 @@ def random_sft_batch(cfg: ModelConfig, rs: np.random.RandomState, batch: int, le
 def random_dpo_batch(cfg: ModelConfig, rs: np.random.RandomState, batch: int, length: int,
                      response_fraction: float = 0.5,
                      image_grid: tuple[int, int, int] | None = None) -> dict[str, np.ndarray]:
-    """A DPO batch: chosen and rejected rows share the prompt (and image), responses differ."""
+    """A DPO batch of ``batch`` pairs: ``2 * batch`` rows, chosen then rejected; a pair shares its prompt
+    (and image), the responses differ."""
     chosen = _rows(cfg, rs, batch, length, response_fraction, image_grid)
     rejected = _rows(cfg, rs, batch, length, response_fraction, image_grid)
-    prompt = int(chosen["response_mask"][0].argmax())  # the same prompt length in every row
+    prompt = int(chosen["loss_mask"][0].argmax())  # the same prompt length in every row
     rejected["input_ids"][:, :prompt] = chosen["input_ids"][:, :prompt]
-    out = {f"chosen_{k}": v for k, v in chosen.items()}
-    out.update({f"rejected_{k}": v for k, v in rejected.items()})
-    return {**out, **_images(cfg, rs, batch, image_grid)}
+    out = {k: np.concatenate([chosen[k], rejected[k]]) for k in chosen}
+    images = _images(cfg, rs, batch, image_grid)
+    return {**out, **{k: np.concatenate([v, v]) for k, v in images.items()}}
 
 
 class SyntheticSource:
@@ -68,7 +69,8 @@ class SyntheticSource:
     ``(seed, k mod num_batches)`` when ``num_batches > 0`` (1: the same batch every step), and on the
     process index ``process`` (each host draws its own rows).
 
-    ``state()`` is ``{"next": k}`` (JSON); ``restore(state)`` continues from batch ``k``.
+    ``get_state()`` is ``{"next": k}`` (JSON); ``set_state(state)`` continues from batch ``k`` (grain's
+    iterator protocol, as the :mod:`specs_jax.data.pipeline` iterators).
     """
 
     def __init__(self, cfg: ModelConfig, kind: str, batch: int, length: int, seed: int = 0,
@@ -92,8 +94,8 @@ class SyntheticSource:
         self.next += 1
         return self._make(self.cfg, rs, self.batch, self.length, self.response_fraction, self.image_grid)
 
-    def state(self) -> dict[str, Any]:
+    def get_state(self) -> dict[str, Any]:
         return {"next": self.next}
 
-    def restore(self, state: dict[str, Any]) -> None:
+    def set_state(self, state: dict[str, Any]) -> None:
         self.next = int(state["next"])

@@ -1,9 +1,9 @@
 """The training loop: model + mesh + state + jitted step + data + checkpoints + logging.
 
-Data: any iterable of host-side numpy batch dicts (:mod:`specs_jax.training.batches`), one per
-optimizer step, holding this process's rows of the global batch. For an exact resume the source
-provides ``state() -> dict`` (JSON) and ``restore(dict)``; a source without them is resumed by
-skipping the batches already consumed.
+Data: any iterable of host-side numpy batch dicts (:mod:`specs_jax.training.batches`, the format
+of :mod:`specs_jax.data.pipeline`), one per optimizer step, holding this process's rows of the
+global batch. For an exact resume the source provides grain's ``get_state() -> dict`` (JSON) and
+``set_state(dict)``; a source without them is resumed by skipping the batches already consumed.
 """
 
 from __future__ import annotations
@@ -144,10 +144,10 @@ class Trainer:
         """A DPO batch carries reference log-probs exactly when ``model.reference=precomputed``."""
         if self.kind != "dpo":
             return
-        has_ref = "ref_chosen_logps" in batch
+        has_ref = batch.get("ref_logps") is not None
         if self.extra is None and not has_ref:
-            raise ValueError("model.reference=precomputed but the batch has no ref_chosen_logps/"
-                             "ref_rejected_logps (see Trainer.precompute_reference)")
+            raise ValueError("model.reference=precomputed but the batch has no ref_logps "
+                             "(see Trainer.precompute_reference)")
         if self.extra is not None and has_ref:
             raise ValueError("the batch carries precomputed reference log-probs but model.reference=batch; "
                              "set model.reference=precomputed to use them")
@@ -155,9 +155,10 @@ class Trainer:
     def train_step(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
         """One optimizer step on a host batch; returns the metrics as floats (raises on NaN/Inf)."""
         self._check_reference(batch)
-        rows = len(batch["input_ids" if self.kind == "sft" else "chosen_input_ids"])
+        rows = len(batch["input_ids"]) // (1 if self.kind == "sft" else 2)
         if rows * jax.process_count() != self.cfg.train.batch_size:
-            raise ValueError(f"batch of {rows} rows on each of {jax.process_count()} process(es), but "
+            unit = "rows" if self.kind == "sft" else "pairs"
+            raise ValueError(f"batch of {rows} {unit} on each of {jax.process_count()} process(es), but "
                              f"train.batch_size={self.cfg.train.batch_size}")
         prepared = self.prepare(batch)
         step = int(self.state.step)
@@ -182,17 +183,15 @@ class Trainer:
         return {f"eval/{k}": v / n for k, v in sums.items()}
 
     def precompute_reference(self, batches: Iterable[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
-        """DPO: the batches with ``ref_chosen_logps``/``ref_rejected_logps`` of the current policy (call
-        before training, then train with ``model.reference=precomputed``). Single-process only."""
+        """DPO: the batches with ``ref_logps [2B, T]`` of the current policy (call before training, then
+        train with ``model.reference=precomputed``)."""
         if self.kind != "dpo":
             raise ValueError("precompute_reference is for DPO training")
         fn = jax.jit(lambda params, seq: sequence_logps(nnx.merge(self.graphdef, nnx.State(params)), seq))
         params = join_params(self.state.params, self.state.frozen)
         for batch in batches:
             seq = jax.tree.map(lambda x: x[0], self.prepare(batch, accum=1))
-            logps = np.asarray(jax.device_get(fn(params, seq)))
-            b = len(batch["chosen_input_ids"])
-            yield {**batch, "ref_chosen_logps": logps[:b], "ref_rejected_logps": logps[b:]}
+            yield {**batch, "ref_logps": np.asarray(jax.device_get(fn(params, seq)))}
 
     # ---------------------------------------------------------------------------------------
     # the loop
@@ -203,12 +202,12 @@ class Trainer:
         if self.checkpointer.latest_step() is None:
             return 0
         self.state, data_state = self.checkpointer.restore(self.state)
-        if hasattr(data, "restore"):
-            data.restore(data_state)
+        if hasattr(data, "set_state"):
+            data.set_state(data_state)
         return int(self.state.step)
 
     def _data_state(self, data: Any, consumed: int) -> dict[str, Any]:
-        return data.state() if hasattr(data, "state") else {"batches_consumed": consumed}
+        return data.get_state() if hasattr(data, "get_state") else {"batches_consumed": consumed}
 
     def fit(self, data: Iterable[dict[str, np.ndarray]], eval_data: Iterable | None = None,
             resume: bool = True) -> list[dict[str, float]]:
@@ -221,7 +220,7 @@ class Trainer:
                              f"{self.checkpointer.all_steps()}); resume, or set another checkpoint.dir")
         start = self.resume(data) if resume else 0
         it = iter(data)
-        if start and not hasattr(data, "restore"):
+        if start and not hasattr(data, "set_state"):
             for _ in range(start):
                 next(it)
         logger = MetricLogger(cfg.train.output_dir, cfg.train.steps, start, jsonl=cfg.log.jsonl,
@@ -232,7 +231,7 @@ class Trainer:
         try:
             for step in range(start + 1, cfg.train.steps + 1):
                 batch = next(it)
-                tokens = float(sum(np.asarray(v).sum() for k, v in batch.items() if k.endswith("attention_mask")))
+                tokens = float(np.asarray(batch["attention_mask"]).sum())
                 t0 = time.perf_counter()
                 metrics = self.train_step(batch)
                 seconds = time.perf_counter() - t0
