@@ -48,8 +48,11 @@ class StepContext(NamedTuple):
 
 
 class LossSpec(NamedTuple):
-    totals: Callable[[SeqBatch], dict[str, jax.Array]]
-    micro_loss: Callable[[nnx.Module, SeqBatch, StepContext], tuple[jax.Array, dict[str, jax.Array]]]
+    """How a step computes its loss (module docstring): full-batch ``totals`` and per-micro-batch
+    ``micro_loss`` contributions that sum to the full-batch loss. The batch type is the step's own."""
+
+    totals: Callable[[Any], dict[str, jax.Array]]
+    micro_loss: Callable[[nnx.Module, Any, StepContext], tuple[jax.Array, dict[str, jax.Array]]]
 
 
 def sequence_logps(model: nnx.Module, seq: SeqBatch, temperature: float = 1.0) -> jax.Array:
@@ -146,13 +149,14 @@ def make_train_step(graphdef: nnx.GraphDef, spec: LossSpec, tx: optax.GradientTr
                     schedule: optax.Schedule, state_shardings: TrainState, batch_sharding: SeqBatch,
                     extra_shardings: Any = None) -> Callable[[TrainState, SeqBatch, Any], tuple[TrainState, dict]]:
     """``step(state, batch, extra) -> (new_state, metrics)``, jitted with explicit shardings, the
-    state donated. ``batch`` is stacked ``[grad_accum_steps, b, ...]``.
+    state donated. ``batch`` is any pytree whose leaves are stacked ``[grad_accum_steps, ...]`` (a
+    :class:`SeqBatch` for SFT/DPO; a step with more per-row inputs uses its own pytree and shardings).
 
     Per step: ``g = sum_micro grad(contribution)`` (lax.scan over micro-batches), then the
     optimizer update (clipping included in ``tx``). Metrics (replicated scalars): ``loss``,
     ``grad_norm`` (before clipping), ``lr`` (of this step), and the spec's summed metrics.
     """
-    replicated = NamedSharding(batch_sharding.labels.mesh, PartitionSpec())
+    replicated = NamedSharding(state_shardings.step.mesh, PartitionSpec())
 
     def step(state: TrainState, batch: SeqBatch, extra: Any) -> tuple[TrainState, dict]:
         rng, step_rng = jax.random.split(state.rng)
@@ -184,7 +188,7 @@ def make_train_step(graphdef: nnx.GraphDef, spec: LossSpec, tx: optax.GradientTr
 def make_eval_step(graphdef: nnx.GraphDef, spec: LossSpec, state_shardings: TrainState, batch_sharding: SeqBatch,
                    extra_shardings: Any = None) -> Callable[[TrainState, SeqBatch, Any], dict]:
     """``evaluate(state, batch, extra) -> metrics``: the loss and the spec's metrics of a batch, no update."""
-    replicated = NamedSharding(batch_sharding.labels.mesh, PartitionSpec())
+    replicated = NamedSharding(state_shardings.step.mesh, PartitionSpec())
 
     def evaluate(state: TrainState, batch: SeqBatch, extra: Any) -> dict:
         ctx = StepContext(spec.totals(batch), extra, state.rng)
