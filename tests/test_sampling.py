@@ -106,6 +106,7 @@ def test_top_k_and_top_p_never_emit_excluded_tokens(models):
         logits = np.asarray(model(full, np.concatenate([out.prompt_mask, out.mask], 1)), np.float64) / 1.5
         t = out.prompt_ids.shape[1]
         step_logits = logits[:, t - 1:-1]
+        step_logits[..., [IMAGE, model.config.video_token_id]] = -np.inf  # never sampled (vision placeholders)
         probs = np.exp(step_logits - step_logits.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)
         order = np.argsort(-probs, -1)
@@ -119,6 +120,27 @@ def test_top_k_and_top_p_never_emit_excluded_tokens(models):
             allowed = np.take_along_axis(before, tok_rank[..., None], -1)[..., 0] < params.top_p + 1e-6
         assert allowed[out.mask].all(), params
         assert len({tuple(r) for r in out.tokens}) > 1  # it does sample
+
+
+def test_vision_placeholders_are_never_sampled(models):
+    model, _ = models
+    ids, mask = left_pad([list(range(10, 19))])
+    banned = np.array([IMAGE, model.config.video_token_id])
+    head = model.lm_head.weight[...]
+    # point the placeholders' LM-head rows along the prompt's last hidden state: they become the argmax
+    from specs_jax.model import prepare_inputs
+
+    hidden = np.asarray(model.hidden_states(prepare_inputs(model.config, ids, mask)))[0, -1]
+    model.lm_head.weight.set_value(head.at[banned].set(np.tile(hidden * 10.0, (2, 1))))
+    try:
+        assert np.asarray(model(ids, mask))[0, -1].argmax() in banned  # precondition: they would win
+        greedy = sampler(model, 6).generate_ids(ids, mask, params=GREEDY, decode=False)
+        sampled = sampler(model, 6).generate_ids(ids, mask, n=8, params=SamplingParams(temperature=1.0), seed=0,
+                                                 decode=False)
+    finally:
+        model.lm_head.weight.set_value(head)
+    for out in (greedy, sampled):
+        assert not np.isin(out.tokens[out.mask], banned).any()
 
 
 def test_filter_logits_against_numpy():

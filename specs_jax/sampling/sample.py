@@ -61,16 +61,18 @@ def filter_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
     return logits
 
 
-def sample_tokens(logits: jax.Array, key: jax.Array, params: SamplingParams,
-                  top_probs: int = 0) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+def sample_tokens(logits: jax.Array, key: jax.Array, params: SamplingParams, top_probs: int = 0,
+                  banned: tuple[int, ...] = ()) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """Sample one token per row. ``logits [R, V]`` -> ``tokens [R]``, ``logps [R]`` and, when
-    ``top_probs > 0``, the ``top_probs`` largest probabilities of ``softmax(logits / T)`` ``[R, k]``."""
+    ``top_probs > 0``, the ``top_probs`` largest probabilities of ``softmax(logits / T)`` ``[R, k]``.
+    ``banned`` token ids are never chosen (their mass still counts in the log-probs)."""
     logits = logits.astype(jnp.float32)
     scaled = logits if params.greedy else logits / params.temperature
+    choice = scaled.at[:, list(banned)].set(-jnp.inf) if banned else scaled
     if params.greedy:
-        tokens = jnp.argmax(logits, axis=-1)
+        tokens = jnp.argmax(choice, axis=-1)
     else:
-        tokens = jax.random.categorical(key, filter_logits(scaled, params), axis=-1)
+        tokens = jax.random.categorical(key, filter_logits(choice, params), axis=-1)
     logprobs = jax.nn.log_softmax(scaled, axis=-1)
     logps = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
     top = jax.lax.top_k(jnp.exp(logprobs), top_probs)[0] if top_probs else None

@@ -6,7 +6,8 @@ a handful of programs; :attr:`Sampler.compilations` counts them.
 
 Positions: prompt tokens get the 3D M-RoPE positions of :func:`specs_jax.model.get_rope_index`;
 generated token ``i`` gets ``last prompt position + 1 + i`` on every stream (transformers' rule of
-cache length plus the row's ``rope_delta``).
+cache length plus the row's ``rope_delta``). The ``<|image_pad|>``/``<|video_pad|>`` placeholders
+are never sampled: in a training forward they would be read as vision inputs.
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ def generate_rollout(model: Qwen2_5_VLForConditionalGeneration, inputs: ModelInp
     logits, key_valid, positions = rep(logits), rep(key_valid), rep(inputs.positions, 1)
     r = b * n
     eos = jnp.asarray(eos_ids, jnp.int32)
+    # image/video placeholders would be read as vision inputs when the rollout is trained on
+    banned = (model.config.image_token_id, model.config.video_token_id)
 
     state = dict(
         step=jnp.int32(0), logits=logits, cache=cache, key_valid=key_valid, done=jnp.zeros((r,), bool),
@@ -89,7 +92,7 @@ def generate_rollout(model: Qwen2_5_VLForConditionalGeneration, inputs: ModelInp
 
     def body(s):
         i = s["step"]
-        tok, logp, top = sample_tokens(s["logits"], jax.random.fold_in(key, i), params, top_probs)
+        tok, logp, top = sample_tokens(s["logits"], jax.random.fold_in(key, i), params, top_probs, banned)
         live = ~s["done"]
         tok = jnp.where(live, tok, pad_id)
         out = dict(s, step=i + 1, done=s["done"] | jnp.isin(tok, eos),
@@ -210,11 +213,15 @@ class Sampler:
     # ---------------------------------------------------------------- public API
     def generate_ids(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, *, n: int = 1,
                      params: SamplingParams = SamplingParams(), seed: int = 0, stop: Sequence[str] = (),
-                     decode: bool = True) -> Generation:
-        """Sample ``n`` completions per prompt of an already tokenised batch (transformers' arguments)."""
+                     decode: bool = True, weights: dict | None = None) -> Generation:
+        """Sample ``n`` completions per prompt of an already tokenised batch (transformers' arguments).
+
+        ``weights``: a full pure-dict of parameters (e.g. a trainer's current params) to sample with
+        instead of the model's own; they are read, never copied or resharded."""
         inputs, b = self._pad_batch(input_ids, attention_mask, pixel_values, image_grid_thw)
         key = jax.random.key(seed)
-        out = self._jitted(nnx.state(self.model), inputs, key, max_new_tokens=self.config.max_new_tokens, n=n, params=params,
+        state = nnx.state(self.model) if weights is None else nnx.State(weights)
+        out = self._jitted(state, inputs, key, max_new_tokens=self.config.max_new_tokens, n=n, params=params,
                            top_probs=self.config.top_probs)
         rows = b * n
         tokens, logps, mask = (np.array(x[:rows]) for x in (out.tokens, out.logps, out.mask))

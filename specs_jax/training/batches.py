@@ -28,7 +28,7 @@ import numpy as np
 
 from specs_jax.model import ModelConfig, ModelInputs, prepare_inputs
 
-__all__ = ["SeqBatch", "prepare_dpo", "prepare_sequences", "prepare_sft", "stack_micro"]
+__all__ = ["SeqBatch", "prepare_dpo", "prepare_grpo", "prepare_sequences", "prepare_sft", "stack_micro"]
 
 ROW_KEYS = ("input_ids", "attention_mask", "loss_mask")
 REF_KEY = "ref_logps"
@@ -36,19 +36,21 @@ REF_KEY = "ref_logps"
 
 class SeqBatch(NamedTuple):
     """Prepared sequences: model inputs, next-token ``labels [b, T]`` (``labels[t] = input_ids[t+1]``),
-    0/1 ``mask [b, T]`` of the label positions that count, optional reference log-probs ``[b, T]``.
-    Stacked for a step, every leaf gets a leading micro-batch axis."""
+    0/1 ``mask [b, T]`` of the label positions that count, optional reference log-probs ``[b, T]``,
+    and optional per-row arrays ``rows`` (``[b]`` or ``[b, T]`` aligned with ``labels``; e.g. GRPO's
+    ``old_logps`` and ``advantages``). Stacked for a step, every leaf gets a leading micro-batch axis."""
 
     inputs: ModelInputs
     labels: np.ndarray
     mask: np.ndarray
     ref_logps: np.ndarray | None = None
+    rows: dict[str, np.ndarray] | None = None
 
 
 def prepare_sequences(cfg: ModelConfig, input_ids: np.ndarray, attention_mask: np.ndarray,
                       loss_mask: np.ndarray, pixel_values: np.ndarray | None = None,
                       image_grid_thw: np.ndarray | None = None,
-                      ref_logps: np.ndarray | None = None) -> SeqBatch:
+                      ref_logps: np.ndarray | None = None, rows: dict[str, np.ndarray] | None = None) -> SeqBatch:
     """One :class:`SeqBatch`: the label at position ``t`` is token ``t+1``; it counts where token
     ``t+1`` is an attended ``loss_mask`` token (the last position never counts)."""
     ids = np.asarray(input_ids)
@@ -63,7 +65,13 @@ def prepare_sequences(cfg: ModelConfig, input_ids: np.ndarray, attention_mask: n
         ref_logps = np.asarray(ref_logps, np.float32)
         if ref_logps.shape != ids.shape:
             raise ValueError(f"reference log-probs shape {ref_logps.shape} != input_ids shape {ids.shape}")
-    return SeqBatch(inputs, labels, mask, ref_logps)
+    if rows is not None:
+        rows = {k: np.asarray(v) for k, v in rows.items()}
+        wrong = {k: v.shape for k, v in rows.items() if v.shape[:1] != ids.shape[:1] or v.ndim > 2
+                 or (v.ndim == 2 and v.shape != ids.shape)}
+        if wrong:
+            raise ValueError(f"per-row arrays {wrong} must be [{ids.shape[0]}] or {list(ids.shape)}")
+    return SeqBatch(inputs, labels, mask, ref_logps, rows)
 
 
 def _image_rows(cfg: ModelConfig, input_ids: np.ndarray, attention_mask: np.ndarray,
@@ -78,9 +86,11 @@ def _image_rows(cfg: ModelConfig, input_ids: np.ndarray, attention_mask: np.ndar
     return rows
 
 
-def _select_rows(cfg: ModelConfig, batch: Mapping[str, np.ndarray], rows: np.ndarray) -> SeqBatch:
-    """The prepared :class:`SeqBatch` of the given rows of ``batch``, with the images those rows show."""
-    out = {k: np.asarray(batch[k])[rows] for k in (*ROW_KEYS, REF_KEY) if batch.get(k) is not None}
+def _select_rows(cfg: ModelConfig, batch: Mapping[str, np.ndarray], rows: np.ndarray,
+                 per_row: tuple[str, ...] = ()) -> SeqBatch:
+    """The prepared :class:`SeqBatch` of the given rows of ``batch``, with the images those rows show
+    and the ``per_row`` arrays of those rows in :attr:`SeqBatch.rows`."""
+    out = {k: np.asarray(batch[k])[rows] for k in (*ROW_KEYS, REF_KEY, *per_row) if batch.get(k) is not None}
     out["pixel_values"] = out["image_grid_thw"] = None
     if batch.get("pixel_values") is not None:
         grid = np.asarray(batch["image_grid_thw"]).reshape(-1, 3)
@@ -92,7 +102,7 @@ def _select_rows(cfg: ModelConfig, batch: Mapping[str, np.ndarray], rows: np.nda
         out["pixel_values"] = np.concatenate([pixels[patch_start[i]:patch_end[i]] for i in keep]) if keep else None
         out["image_grid_thw"] = grid[keep] if keep else None
     return prepare_sequences(cfg, out["input_ids"], out["attention_mask"], out["loss_mask"], out["pixel_values"],
-                             out["image_grid_thw"], out.get(REF_KEY))
+                             out["image_grid_thw"], out.get(REF_KEY), {k: out[k] for k in per_row} or None)
 
 
 def stack_micro(parts: list[SeqBatch]) -> SeqBatch:
@@ -118,8 +128,8 @@ def _micro_rows(n_rows: int, accum: int) -> list[np.ndarray]:
     return np.split(np.arange(n_rows), accum)
 
 
-def _check_keys(batch: Mapping[str, np.ndarray], kind: str) -> None:
-    missing = [k for k in ROW_KEYS if k not in batch]
+def _check_keys(batch: Mapping[str, np.ndarray], kind: str, keys: tuple[str, ...] = ROW_KEYS) -> None:
+    missing = [k for k in keys if k not in batch]
     if missing:
         raise ValueError(f"{kind} batch is missing {missing}; it has {sorted(batch)}")
 
@@ -140,3 +150,15 @@ def prepare_dpo(cfg: ModelConfig, batch: Mapping[str, np.ndarray], accum: int) -
     pairs = n_rows // 2
     return stack_micro([_select_rows(cfg, batch, np.concatenate([p, p + pairs]))
                         for p in _micro_rows(pairs, accum)])
+
+
+GRPO_KEYS = ("old_logps", "advantages")
+
+
+def prepare_grpo(cfg: ModelConfig, batch: Mapping[str, np.ndarray], accum: int) -> SeqBatch:
+    """GRPO batch dict (prompt + completion rows with ``old_logps [R, T]`` aligned with the labels and
+    ``advantages [R]``, see :func:`specs_jax.training.grpo.rollout_sequences`) -> stacked
+    :class:`SeqBatch` ``[accum, R/accum, ...]`` with those two in :attr:`SeqBatch.rows`."""
+    _check_keys(batch, "GRPO", ROW_KEYS + GRPO_KEYS)
+    return stack_micro([_select_rows(cfg, batch, rows, GRPO_KEYS)
+                        for rows in _micro_rows(len(batch["input_ids"]), accum)])

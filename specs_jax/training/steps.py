@@ -138,7 +138,8 @@ def batch_shardings(batch: SeqBatch, mesh: Mesh) -> SeqBatch:
         inputs=type(inputs)(rows(1, inputs.input_ids), rows(2, inputs.positions), rows(1, inputs.attention_mask),
                             vision),
         labels=rows(1, batch.labels), mask=rows(1, batch.mask),
-        ref_logps=None if batch.ref_logps is None else rows(1, batch.ref_logps))
+        ref_logps=None if batch.ref_logps is None else rows(1, batch.ref_logps),
+        rows=None if batch.rows is None else {k: rows(1, v) for k, v in batch.rows.items()})
 
 
 def _tree_add(a, b):
