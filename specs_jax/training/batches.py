@@ -86,21 +86,29 @@ def _image_rows(cfg: ModelConfig, input_ids: np.ndarray, attention_mask: np.ndar
     return rows
 
 
+def select_images(cfg: ModelConfig, batch: Mapping[str, np.ndarray],
+                  rows: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``(pixel_values, image_grid_thw)`` of the images that ``rows`` of ``batch`` show, in the order of
+    ``rows`` (a row listed twice repeats its images); ``(None, None)`` when they show none."""
+    if batch.get("pixel_values") is None:
+        return None, None
+    grid = np.asarray(batch["image_grid_thw"]).reshape(-1, 3)
+    image_row = _image_rows(cfg, np.asarray(batch["input_ids"]), np.asarray(batch["attention_mask"]), grid)
+    patch_end = np.cumsum(grid.prod(-1))
+    patch_start = patch_end - grid.prod(-1)
+    keep = [i for r in rows for i in np.flatnonzero(image_row == r)]
+    if not keep:
+        return None, None
+    pixels = np.asarray(batch["pixel_values"])
+    return np.concatenate([pixels[patch_start[i]:patch_end[i]] for i in keep]), grid[keep]
+
+
 def _select_rows(cfg: ModelConfig, batch: Mapping[str, np.ndarray], rows: np.ndarray,
                  per_row: tuple[str, ...] = ()) -> SeqBatch:
     """The prepared :class:`SeqBatch` of the given rows of ``batch``, with the images those rows show
     and the ``per_row`` arrays of those rows in :attr:`SeqBatch.rows`."""
     out = {k: np.asarray(batch[k])[rows] for k in (*ROW_KEYS, REF_KEY, *per_row) if batch.get(k) is not None}
-    out["pixel_values"] = out["image_grid_thw"] = None
-    if batch.get("pixel_values") is not None:
-        grid = np.asarray(batch["image_grid_thw"]).reshape(-1, 3)
-        image_row = _image_rows(cfg, np.asarray(batch["input_ids"]), np.asarray(batch["attention_mask"]), grid)
-        patch_end = np.cumsum(grid.prod(-1))
-        patch_start = patch_end - grid.prod(-1)
-        keep = [i for r in rows for i in np.flatnonzero(image_row == r)]
-        pixels = np.asarray(batch["pixel_values"])
-        out["pixel_values"] = np.concatenate([pixels[patch_start[i]:patch_end[i]] for i in keep]) if keep else None
-        out["image_grid_thw"] = grid[keep] if keep else None
+    out["pixel_values"], out["image_grid_thw"] = select_images(cfg, batch, rows)
     return prepare_sequences(cfg, out["input_ids"], out["attention_mask"], out["loss_mask"], out["pixel_values"],
                              out["image_grid_thw"], out.get(REF_KEY), {k: out[k] for k in per_row} or None)
 

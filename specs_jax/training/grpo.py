@@ -26,7 +26,7 @@ from specs_jax.losses import get_loss, group_advantages
 from specs_jax.model import ModelConfig
 from specs_jax.rewards import score_batch
 from specs_jax.sampling import Generation, Sampler, SamplingParams
-from specs_jax.training.batches import SeqBatch, _image_rows
+from specs_jax.training.batches import SeqBatch, select_images
 from specs_jax.training.state import model_from_params
 from specs_jax.training.steps import LossSpec, StepContext, sequence_logps
 
@@ -77,15 +77,8 @@ def rollout_sequences(cfg: ModelConfig, batch: Mapping[str, Any], ro: Rollout, g
     old = np.zeros(out["input_ids"].shape, np.float32)
     old[:, tp - 1: tp - 1 + gen.tokens.shape[1]] = np.where(gen.mask, gen.logps, 0.0)
     out["old_logps"] = old
-    if batch.get("pixel_values") is not None:
-        grid = np.asarray(batch["image_grid_thw"]).reshape(-1, 3)
-        image_row = _image_rows(cfg, np.asarray(batch["input_ids"]), np.asarray(batch["attention_mask"]), grid)
-        ends = np.cumsum(grid.prod(-1))
-        pixels = np.asarray(batch["pixel_values"])
-        keep = [i for r in range(len(batch["input_ids"])) for _ in range(group_size)
-                for i in np.flatnonzero(image_row == r)]
-        out["pixel_values"] = np.concatenate([pixels[ends[i] - grid[i].prod():ends[i]] for i in keep])
-        out["image_grid_thw"] = grid[keep]
+    samples = np.repeat(np.arange(len(batch["input_ids"])), group_size)
+    out["pixel_values"], out["image_grid_thw"] = select_images(cfg, batch, samples)
     return out
 
 
