@@ -154,3 +154,18 @@ def test_image_token_count_mismatch_is_refused(loaded):
     ids = np.array([image_row(grids, [[5], [6]])])[:, :-3]  # lose a few image tokens
     with pytest.raises(ValueError, match="image tokens"):
         model(ids, pixel_values=pixels(grids), image_grid_thw=np.array(grids))
+
+
+def test_patch_bucket_padding_leaves_logits_unchanged(loaded):
+    from specs_jax.model import prepare_inputs
+
+    model, _ = loaded
+    grids = [(1, 8, 12), (1, 6, 4)]
+    ids = np.array([image_row(grids, [[5, 6], [7, 8, 10], [11]])])
+    pix = pixels(grids)  # 120 patches
+    plain = model.forward(prepare_inputs(model.config, ids, None, pix, np.array(grids)))
+    padded_inputs = prepare_inputs(model.config, ids, None, pix, np.array(grids), patch_bucket=128)
+    assert padded_inputs.vision.pixel_values.shape[0] == 128
+    np.testing.assert_allclose(np.asarray(model.forward(padded_inputs)), np.asarray(plain), atol=1e-5)
+    with pytest.raises(ValueError, match="patch_bucket 126"):
+        prepare_inputs(model.config, ids, None, pix, np.array(grids), patch_bucket=126)

@@ -369,11 +369,13 @@ def _jit_forward(graphdef, state, inputs: ModelInputs) -> jax.Array:
 
 
 def prepare_inputs(cfg: ModelConfig, input_ids, attention_mask=None, pixel_values=None,
-                   image_grid_thw=None) -> ModelInputs:
+                   image_grid_thw=None, *, patch_bucket: int | None = None) -> ModelInputs:
     """Host-side preparation of a transformers-style batch into :class:`ModelInputs` (numpy arrays).
 
     Checks that the number of ``<|image_pad|>`` tokens matches the images' merged patch counts and
-    that ``pixel_values`` has one row per patch.
+    that ``pixel_values`` has one row per patch. ``patch_bucket`` pads the patches to that count with
+    a dummy image that no image token refers to (its features are computed and never used), so
+    batches with different image sizes share one compiled program.
     """
     if isinstance(input_ids, jax.core.Tracer):
         raise TypeError("model(...) needs concrete arrays; inside jit call model.forward(prepare_inputs(...))")
@@ -384,7 +386,6 @@ def prepare_inputs(cfg: ModelConfig, input_ids, attention_mask=None, pixel_value
     if mask.shape != ids.shape:
         raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {ids.shape}")
     n_image_tokens = int(((ids == cfg.image_token_id) & mask).sum())
-    vision = None
     if (pixel_values is None) != (image_grid_thw is None):
         raise ValueError("pixel_values and image_grid_thw must be given together")
     if pixel_values is not None:
@@ -398,8 +399,24 @@ def prepare_inputs(cfg: ModelConfig, input_ids, attention_mask=None, pixel_value
         if n_image_tokens != n_features:
             raise ValueError(f"Image features and image tokens do not match: tokens {n_image_tokens}, "
                              f"features {n_features}")
-        vision = VisionInputs(pixels, *vision_layout(cfg, grid))
-    elif n_image_tokens:
+        positions, _ = get_rope_index(cfg, ids, grid, mask)
+        if patch_bucket is not None:
+            pixels, grid = _pad_patches(cfg, pixels, grid, patch_bucket)
+        return ModelInputs(ids.astype(np.int32), positions, mask, VisionInputs(pixels, *vision_layout(cfg, grid)))
+    if n_image_tokens:
         raise ValueError(f"input_ids hold {n_image_tokens} <|image_pad|> tokens but no pixel_values were given")
-    positions, _ = get_rope_index(cfg, ids, None if vision is None else image_grid_thw, mask)
-    return ModelInputs(ids.astype(np.int32), positions, mask, vision)
+    positions, _ = get_rope_index(cfg, ids, None, mask)
+    return ModelInputs(ids.astype(np.int32), positions, mask, None)
+
+
+def _pad_patches(cfg: ModelConfig, pixels: np.ndarray, grid: np.ndarray, bucket: int) -> tuple[np.ndarray, np.ndarray]:
+    """Append a dummy image of grid ``(1, merge, extra / merge)`` so that there are ``bucket`` patches."""
+    merge = cfg.vision.spatial_merge_size
+    extra = bucket - len(pixels)
+    if extra < 0 or extra % merge**2:
+        raise ValueError(f"patch_bucket {bucket} must be >= the {len(pixels)} patches and exceed them by a "
+                         f"multiple of {merge**2}")
+    if not extra:
+        return pixels, grid
+    return (np.concatenate([pixels, np.zeros((extra, pixels.shape[1]), pixels.dtype)]),
+            np.concatenate([grid, [[1, merge, extra // merge]]]))

@@ -24,8 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from specs_jax.model.positions import get_rope_index, vision_layout
-from specs_jax.model.qwen2_5_vl import KVCache, ModelInputs, Qwen2_5_VLForConditionalGeneration, VisionInputs
+from specs_jax.model.qwen2_5_vl import KVCache, ModelInputs, Qwen2_5_VLForConditionalGeneration, prepare_inputs
 from specs_jax.sampling.sample import SamplingParams, sample_tokens
 
 log = logging.getLogger(__name__)
@@ -196,18 +195,11 @@ class Sampler:
             out_ids[row, tb - len(toks):] = toks
             out_mask[row, tb - len(toks):] = True
         out_mask[b:, -1] = True  # padding rows: one dummy token so they are well defined
-        grid = real_grid = None if image_grid_thw is None else np.asarray(image_grid_thw).reshape(-1, 3)
-        vision = None
+        patch_bucket = None
         if pixel_values is not None:
-            pixels = np.asarray(pixel_values)
-            pb = _bucket(pixels.shape[0], self.config.patch_buckets, "image patch count")
-            extra = pb - pixels.shape[0]
-            if extra:  # a dummy image, never referenced by an image token, fills the bucket
-                pixels = np.concatenate([pixels, np.zeros((extra, pixels.shape[1]), pixels.dtype)])
-                grid = np.concatenate([grid, [[1, 2, extra // 2]]])
-            vision = VisionInputs(pixels, *vision_layout(self.model.config, grid))
-        positions, _ = get_rope_index(self.model.config, out_ids, real_grid, out_mask)
-        inputs = ModelInputs(out_ids, positions, out_mask, vision)
+            patch_bucket = _bucket(len(pixel_values), self.config.patch_buckets, "image patch count")
+        inputs = prepare_inputs(self.model.config, out_ids, out_mask, pixel_values, image_grid_thw,
+                                patch_bucket=patch_bucket)
         return inputs, b
 
     # ---------------------------------------------------------------- public API
