@@ -30,7 +30,7 @@ from specs_jax.training.batches import SeqBatch, select_images
 from specs_jax.training.state import model_from_params
 from specs_jax.training.steps import LossSpec, StepContext, sequence_logps
 
-__all__ = ["Rollout", "grpo_spec", "rollout", "rollout_sequences", "specs_rewards"]
+__all__ = ["ScoredRollout", "grpo_spec", "rollout", "rollout_sequences", "specs_rewards"]
 
 RewardFn = Callable[[Generation, Sequence[str]], np.ndarray]
 
@@ -40,7 +40,9 @@ def specs_rewards(gen: Generation, answers: Sequence[str]) -> np.ndarray:
     return score_batch(gen.texts, answers).total
 
 
-class Rollout(NamedTuple):
+class ScoredRollout(NamedTuple):
+    """A sampler generation with its rewards and group advantages (rows prompt-major)."""
+
     generation: Generation
     rewards: np.ndarray  # [R]
     advantages: np.ndarray  # [R]
@@ -48,7 +50,7 @@ class Rollout(NamedTuple):
 
 def rollout(sampler: Sampler, batch: Mapping[str, Any], *, group_size: int, params: SamplingParams,
             seed: int, weights: dict | None = None, reward_fn: RewardFn = specs_rewards,
-            scale: str = "group") -> Rollout:
+            scale: str = "group") -> ScoredRollout:
     """Sample ``group_size`` completions per prompt of ``batch`` (``input_ids``, ``attention_mask``,
     optional ``pixel_values``/``image_grid_thw``, ``answer``), score them with
     ``reward_fn(generation, answers)``, compute advantages. ``weights``: the current policy params."""
@@ -57,10 +59,10 @@ def rollout(sampler: Sampler, batch: Mapping[str, Any], *, group_size: int, para
     answers = [a for a in batch["answer"] for _ in range(group_size)]
     rewards = np.asarray(reward_fn(gen, answers), np.float32)
     advantages = np.asarray(group_advantages(jnp.asarray(rewards), group_size, scale=scale))
-    return Rollout(gen, rewards, advantages)
+    return ScoredRollout(gen, rewards, advantages)
 
 
-def rollout_sequences(cfg: ModelConfig, batch: Mapping[str, Any], ro: Rollout, group_size: int) -> dict:
+def rollout_sequences(cfg: ModelConfig, batch: Mapping[str, Any], ro: ScoredRollout, group_size: int) -> dict:
     """The GRPO batch dict of a rollout (rows ordered prompt-major, as the sampler returns them).
 
     Completion token ``j`` sits at position ``Tp + j`` (``Tp``: padded prompt length), so its
