@@ -26,8 +26,8 @@ from typing import Any
 import yaml
 
 __all__ = [
-    "CheckpointConfig", "ConfigError", "DataConfig", "LogConfig", "LossConfig", "MeshConfig", "ModelSection",
-    "OptimConfig", "RunConfig", "TrainConfig", "apply_overrides", "from_dict", "load_config", "to_dict",
+    "CheckpointConfig", "ConfigError", "DataConfig", "EvalConfig", "LogConfig", "LossConfig", "MeshConfig", "ModelSection",
+    "OptimConfig", "RLConfig", "RunConfig", "TrainConfig", "apply_overrides", "from_dict", "load_config", "to_dict",
 ]
 
 
@@ -135,6 +135,35 @@ class DataConfig:
 
 
 @dataclasses.dataclass
+class RLConfig:
+    """Rollouts of the RL stages (``train grpo``, ``opsd``, ``vigos``): ``train.batch_size`` prompts per
+    step, ``group_size`` samples each, ``num_iterations`` optimizer updates per rollout batch."""
+
+    group_size: int = 8
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    num_iterations: int = 1
+    scale_rewards: str = "group"  # group | batch | none (METHOD.md section 4)
+    accuracy_filter: list = dataclasses.field(default_factory=list)  # [lo, hi]: mask groups outside; []: off
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """``specs-jax eval`` and the pipeline's evaluation: greedy accuracy and format rate, and pass@k
+    from ``num_samples`` samples at ``temperature``, on each named split file."""
+
+    splits: dict = dataclasses.field(default_factory=dict)  # split name -> parquet/jsonl path
+    max_examples: int = 0  # per split; 0: all rows
+    num_samples: int = 8
+    ks: list = dataclasses.field(default_factory=lambda: [1, 4, 8])
+    temperature: float = 1.0
+    max_new_tokens: int = 256
+    batch_size: int = 32  # prompts per sampler call
+
+
+@dataclasses.dataclass
 class RunConfig:
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
@@ -144,6 +173,8 @@ class RunConfig:
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     log: LogConfig = dataclasses.field(default_factory=LogConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    rl: RLConfig = dataclasses.field(default_factory=RLConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -157,10 +188,13 @@ CHOICES = {
     "optim.schedule": ("constant", "cosine", "linear"),
     "checkpoint.best_mode": ("min", "max"),
     "data.source": ("synthetic", "files"),
+    "rl.scale_rewards": ("group", "batch", "none"),
 }
 POSITIVE = ("train.steps", "train.batch_size", "train.max_length", "train.log_every", "optim.grad_accum_steps",
-            "checkpoint.keep_last_n", "data.eval_batches")
-NON_NEGATIVE = ("optim.warmup_steps", "train.eval_every", "checkpoint.every", "data.num_batches")
+            "checkpoint.keep_last_n", "data.eval_batches", "rl.group_size", "rl.max_new_tokens",
+            "rl.num_iterations", "eval.num_samples", "eval.max_new_tokens", "eval.batch_size")
+NON_NEGATIVE = ("optim.warmup_steps", "train.eval_every", "checkpoint.every", "data.num_batches",
+                "rl.temperature", "rl.top_k", "eval.max_examples", "eval.temperature")
 
 
 def validate(cfg: RunConfig) -> None:
@@ -187,6 +221,15 @@ def validate(cfg: RunConfig) -> None:
     grid = cfg.data.image_grid
     if grid and (len(grid) != 3 or not all(isinstance(g, int) and g > 0 for g in grid)):
         raise ConfigError(f"config key 'data.image_grid' must be [] or three positive ints [t, h, w], got {grid}")
+    band = cfg.rl.accuracy_filter
+    if band and (len(band) != 2 or not 0 <= band[0] <= band[1] <= 1):
+        raise ConfigError(f"config key 'rl.accuracy_filter' must be [] or [lo, hi] with 0 <= lo <= hi <= 1, got {band}")
+    if not 0 < cfg.rl.top_p <= 1:
+        raise ConfigError(f"config key 'rl.top_p' must be in (0, 1], got {cfg.rl.top_p}")
+    bad_k = [k for k in cfg.eval.ks if not isinstance(k, int) or not 1 <= k <= cfg.eval.num_samples]
+    if bad_k:
+        raise ConfigError(f"config key 'eval.ks' must hold ints in [1, eval.num_samples={cfg.eval.num_samples}], "
+                          f"got {cfg.eval.ks}")
     for key in ("mesh.data", "mesh.fsdp", "mesh.tensor"):
         if flat[key] == 0 or flat[key] < -1:
             raise ConfigError(f"config key {key!r} must be a positive size or -1 (fill), got {flat[key]}")
@@ -199,7 +242,7 @@ def validate(cfg: RunConfig) -> None:
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in d.items():
-        if isinstance(v, dict) and k not in ("rules", "kwargs"):
+        if isinstance(v, dict) and k not in ("rules", "kwargs", "splits"):
             out.update(_flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
@@ -323,6 +366,9 @@ def _parse_free(value: str) -> Any:
     return parsed
 
 
+FREE_DICTS = ("loss.kwargs", "mesh.rules", "eval.splits")  # dict-typed fields: any sub-key
+
+
 def apply_overrides(d: dict, overrides: list[str]) -> dict:
     """Apply ``key=value`` strings (dotted keys) to a nested dict; unknown keys are refused."""
     d = _deep_merge({}, d)
@@ -332,13 +378,12 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not key=value")
         parts = key.split(".")
-        # dict-typed fields (loss.kwargs.beta, mesh.rules.embed) accept any sub-key
-        if key not in known and ".".join(parts[:2]) not in ("loss.kwargs", "mesh.rules"):
+        if key not in known and ".".join(parts[:2]) not in FREE_DICTS:
             raise _unknown(key)
         node = d
         for p in parts[:-1]:
             node = node.setdefault(p, {})
-        node[parts[-1]] = _parse_free(value) if ".".join(parts[:2]) in ("loss.kwargs", "mesh.rules") else value
+        node[parts[-1]] = _parse_free(value) if ".".join(parts[:2]) in FREE_DICTS else value
     return d
 
 
