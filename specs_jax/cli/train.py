@@ -1,4 +1,4 @@
-"""``specs-jax train {sft,dpo} --config CONFIG.yaml [key=value ...]``: SFT or DPO(-hybrid) training."""
+"""``specs-jax train {sft,dpo,grpo,opsd,vigos} --config CONFIG.yaml [key=value ...]``: one training stage."""
 
 from __future__ import annotations
 
@@ -6,16 +6,23 @@ import argparse
 
 from specs_jax.training.trainer import KINDS
 
+RL_KINDS = ("grpo", "opsd", "vigos")  # == specs_jax.training.rl.RL_KINDS (a test checks), without its imports
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a model (sft, dpo) from a YAML run config",
+    p = sub.add_parser("train", help="train a model (sft, dpo, grpo, opsd, vigos) from a YAML run config",
                        description="Train with a YAML run config (configs/*.yaml, merged over its base_config) and "
                                    "dotted key=value overrides, e.g. `optim.lr=1e-6 train.steps=100`. Resumes from "
                                    "the latest checkpoint in the checkpoint directory unless --no-resume. Data: "
-                                   "random token ids (data.source=synthetic) or data files through "
-                                   "specs_jax.data.pipeline (data.source=files, data.train_path=...).")
-    p.add_argument("kind", choices=KINDS, help="sft: token-mean NLL of the response; dpo: preference loss "
-                                               "(loss.name, default dpo_hybrid) against a frozen reference")
+                                   "random token ids (data.source=synthetic, sft/dpo only) or data files through "
+                                   "specs_jax.data.pipeline (data.source=files, data.train_path=...): SFT rows "
+                                   "(question, image, response), preference rows (+ chosen, rejected) or RL prompts "
+                                   "(question, image, answer; rl.* sets the rollouts).")
+    p.add_argument("kind", choices=KINDS + RL_KINDS,
+                   help="sft: token-mean NLL of the response; dpo: preference loss (loss.name, default dpo_hybrid) "
+                        "against a frozen reference; grpo: rollouts scored by the SPECS reward, clipped policy "
+                        "gradient (loss.name: grpo); opsd / vigos: on-policy self-distillation from the frozen "
+                        "start model with privileged contexts (loss.name: opsd / vigos)")
     p.add_argument("--config", required=True, nargs="+", metavar=("CONFIG", "KEY=VALUE"),
                    help="stage YAML (e.g. configs/dpo_tiny.yaml), then config overrides with dotted keys")
     p.add_argument("--no-resume", dest="resume", action="store_false",
@@ -41,20 +48,19 @@ def _synthetic(cfg, trainer, kind: str, rows: int):
     return source(cfg.train.seed, cfg.data.num_batches), eval_data
 
 
-def _files(cfg, kind: str, rows: int):
+def _files(cfg, kind: str, rows: int, processor, system_prompt: str | None = None):
     """(train iterator, eval batches or None) from :mod:`specs_jax.data.pipeline` (this process's shard)."""
     import dataclasses
     import itertools
 
     import jax
 
-    from specs_jax.data.pipeline import DataConfig, load_rows, preference_batches, sft_batches
-    from specs_jax.data.tokenizer import load_processor
+    from specs_jax.data.pipeline import Columns, DataConfig, load_rows, preference_batches, rl_batches, sft_batches
 
-    processor = load_processor(cfg.data.processor or cfg.model.path)
-    make = sft_batches if kind == "sft" else preference_batches
-    pipe = DataConfig(batch_size=rows, buckets=tuple(cfg.data.buckets) or (cfg.train.max_length,),
-                      seed=cfg.train.seed, num_epochs=None, image_root=cfg.data.image_root,
+    make = {"sft": sft_batches, "dpo": preference_batches}.get(kind, rl_batches)
+    pipe = DataConfig(columns=Columns(**cfg.data.columns), batch_size=rows,
+                      buckets=tuple(cfg.data.buckets) or (cfg.train.max_length,), seed=cfg.train.seed,
+                      num_epochs=None, system_prompt=system_prompt, image_root=cfg.data.image_root,
                       shard_index=jax.process_index(), shard_count=jax.process_count())
     eval_data = None
     if cfg.train.eval_every and cfg.data.eval_path is not None:
@@ -74,20 +80,38 @@ def run(args: argparse.Namespace) -> int:
     if args.kind == "dpo" and cfg.model.reference == "precomputed":
         raise ValueError("model.reference=precomputed needs batches carrying reference log-probs (ref_logps); "
                          "the CLI's data sources have none (use model.reference=batch)")
-    trainer = Trainer(cfg, args.kind)
     rows = process_batch_slice(cfg.train.batch_size)
-    if cfg.data.source == "synthetic":
-        data, eval_data = _synthetic(cfg, trainer, args.kind, rows.stop - rows.start)
+    processor = None
+    if cfg.data.source == "files":
+        from specs_jax.data.tokenizer import load_processor
+
+        processor = load_processor(cfg.data.processor or cfg.model.path)
+    if args.kind in RL_KINDS:
+        from specs_jax.training.rl import RLTrainer
+
+        if processor is None:
+            raise ValueError(f"train {args.kind} needs prompts with answers: set data.source=files and "
+                             "data.train_path (question, image, answer columns)")
+        if cfg.train.eval_every:
+            raise ValueError("config key 'train.eval_every' is for sft/dpo (held-out loss); evaluate RL policies "
+                             "with `specs-jax eval`")
+        trainer = RLTrainer(cfg, args.kind, processor)
+        data, eval_data = _files(cfg, args.kind, rows.stop - rows.start, processor, trainer.system_prompt)
     else:
-        data, eval_data = _files(cfg, args.kind, rows.stop - rows.start)
+        trainer = Trainer(cfg, args.kind)
+        if cfg.data.source == "synthetic":
+            data, eval_data = _synthetic(cfg, trainer, args.kind, rows.stop - rows.start)
+        else:
+            data, eval_data = _files(cfg, args.kind, rows.stop - rows.start, processor, cfg.data.system_prompt)
     history = trainer.fit(data, eval_data, resume=args.resume)
     trainer.close()
     if history:
         first, last = history[0], history[-1]
-        print(f"train {args.kind}: steps {int(trainer.state.step) - len(history) + 1}..{int(trainer.state.step)}, "
-              f"loss {first['loss']:.4f} -> {last['loss']:.4f}; checkpoints in {trainer.checkpointer.directory}")
+        key = "reward/mean" if args.kind in RL_KINDS else "loss"
+        print(f"train {args.kind}: steps {trainer.loop_step - len(history) + 1}..{trainer.loop_step}, "
+              f"{key} {first[key]:.4f} -> {last[key]:.4f}; checkpoints in {trainer.checkpointer.directory}")
     else:
-        print(f"train {args.kind}: nothing to do, checkpoint already at step {int(trainer.state.step)}")
+        print(f"train {args.kind}: nothing to do, checkpoint already at step {trainer.loop_step}")
     if args.export_hf:
         out = export_hf(trainer.checkpointer.directory, trainer.model_cfg, args.export_hf)
         print(f"exported step {int(trainer.state.step)} to {out}")

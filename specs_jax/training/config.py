@@ -128,6 +128,8 @@ class DataConfig:
     processor: str | None = None  # files: tokenizer + image processor directory
     image_root: str | None = None  # files: directory of relative image paths
     buckets: list = dataclasses.field(default_factory=list)  # files: padded lengths (increasing)
+    columns: dict = dataclasses.field(default_factory=dict)  # files: role -> column name (pipeline.Columns)
+    system_prompt: str | None = None  # files: system message of every prompt (null: the template's default)
     response_fraction: float = 0.5  # synthetic: share of each row that is response
     num_batches: int = 0  # synthetic: cycle over this many distinct batches (1: a fixed batch); 0: endless
     image_grid: list = dataclasses.field(default_factory=list)  # synthetic: [t, h, w] patches of one image per row
@@ -218,6 +220,12 @@ def validate(cfg: RunConfig) -> None:
         if cfg.data.processor is None and cfg.model.path is None:
             raise ConfigError("config key 'data.processor' is required with data.source=files when model.path "
                               "is null (the processor is read from the model directory otherwise)")
+    from specs_jax.data.pipeline import Columns
+
+    roles = {f.name for f in dataclasses.fields(Columns)}
+    unknown_roles = sorted(set(cfg.data.columns) - roles)
+    if unknown_roles:
+        raise ConfigError(f"config key 'data.columns' has unknown role(s) {unknown_roles}; roles: {sorted(roles)}")
     grid = cfg.data.image_grid
     if grid and (len(grid) != 3 or not all(isinstance(g, int) and g > 0 for g in grid)):
         raise ConfigError(f"config key 'data.image_grid' must be [] or three positive ints [t, h, w], got {grid}")
@@ -242,7 +250,7 @@ def validate(cfg: RunConfig) -> None:
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in d.items():
-        if isinstance(v, dict) and k not in ("rules", "kwargs", "splits"):
+        if isinstance(v, dict) and k not in ("rules", "kwargs", "splits", "columns"):
             out.update(_flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
@@ -366,7 +374,7 @@ def _parse_free(value: str) -> Any:
     return parsed
 
 
-FREE_DICTS = ("loss.kwargs", "mesh.rules", "eval.splits")  # dict-typed fields: any sub-key
+FREE_DICTS = ("loss.kwargs", "mesh.rules", "eval.splits", "data.columns")  # dict-typed fields: any sub-key
 
 
 def apply_overrides(d: dict, overrides: list[str]) -> dict:

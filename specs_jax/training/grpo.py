@@ -22,13 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from specs_jax.losses import get_loss, group_advantages
+from specs_jax.losses import group_advantages
 from specs_jax.model import ModelConfig
 from specs_jax.rewards import score_batch
 from specs_jax.sampling import Generation, Sampler, SamplingParams
 from specs_jax.training.batches import SeqBatch, select_images
 from specs_jax.training.state import model_from_params
-from specs_jax.training.steps import LossSpec, StepContext, sequence_logps
+from specs_jax.training.steps import LossSpec, StepContext, checked_loss, sequence_logps
 
 __all__ = ["ScoredRollout", "grpo_spec", "rollout", "rollout_sequences", "specs_rewards"]
 
@@ -91,7 +91,7 @@ def grpo_spec(graphdef: nnx.GraphDef, temperature: float = 1.0, **loss_kwargs: A
     metrics are weighted by its share of the tokens. The log-probs use ``logits / temperature``.
     With ``kl_coef > 0`` the reference parameters come in ``ctx.extra``.
     """
-    loss_fn = get_loss("grpo")
+    loss_fn = checked_loss("grpo", loss_kwargs, internal=("logits", "num_items_in_batch"))
     kl_coef = loss_kwargs.get("kl_coef", 0.01)
     token_mean = loss_kwargs.get("loss_agg", "token-mean") == "token-mean"
 

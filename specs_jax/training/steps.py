@@ -34,7 +34,7 @@ from specs_jax.training.sharding import batch_spec
 from specs_jax.training.state import TrainState, join_params, model_from_params
 
 __all__ = [
-    "LossSpec", "StepContext", "batch_shardings", "dpo_spec", "make_eval_step", "make_train_step", "sequence_logps",
+    "LossSpec", "StepContext", "batch_shardings", "checked_loss", "dpo_spec", "make_eval_step", "make_train_step", "sequence_logps",
     "sft_spec",
 ]
 
@@ -78,6 +78,18 @@ def sft_spec() -> LossSpec:
     return LossSpec(totals, micro_loss)
 
 
+def checked_loss(loss_name: str, loss_kwargs: dict[str, Any], internal: tuple[str, ...] = ()) -> Callable:
+    """``get_loss(loss_name)`` after checking that every key of ``loss_kwargs`` is one of its keyword-only
+    options (``internal``: options the step sets itself, refused too); ``ValueError`` naming the key."""
+    loss_fn = get_loss(loss_name)
+    params = inspect.signature(loss_fn).parameters
+    options = [k for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and k not in internal]
+    unknown = [k for k in loss_kwargs if k not in options]
+    if unknown:
+        raise ValueError(f"loss {loss_name!r} has no option(s) {unknown} (config loss.kwargs); options: {options}")
+    return loss_fn
+
+
 def dpo_spec(graphdef: nnx.GraphDef, loss_name: str = "dpo_hybrid", **loss_kwargs: Any) -> LossSpec:
     """Preference loss ``get_loss(loss_name)`` (signature of :func:`dpo_hybrid_loss`) over micro-batches of
     ``b`` chosen rows followed by their ``b`` rejected rows.
@@ -89,12 +101,8 @@ def dpo_spec(graphdef: nnx.GraphDef, loss_name: str = "dpo_hybrid", **loss_kwarg
     ``N``: chosen tokens of the micro-batch and of the batch), which makes the sum over
     micro-batches equal the token-mean SFT term of the whole batch.
     """
-    loss_fn = get_loss(loss_name)
+    loss_fn = checked_loss(loss_name, loss_kwargs)
     params = inspect.signature(loss_fn).parameters
-    unknown = [k for k in loss_kwargs if k not in params or params[k].kind is not inspect.Parameter.KEYWORD_ONLY]
-    if unknown:
-        raise ValueError(f"loss {loss_name!r} has no option(s) {unknown}; options: "
-                         f"{[k for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]}")
     token_norm = loss_kwargs.get("sft_norm", params.get("sft_norm") and params["sft_norm"].default) == "token"
 
     def totals(batch: SeqBatch) -> dict[str, jax.Array]:

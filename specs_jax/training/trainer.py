@@ -80,10 +80,13 @@ class Trainer:
     already in the batches (``precomputed``, see :meth:`precompute_reference`).
     """
 
+    kinds: tuple[str, ...] = KINDS
+    updates_per_step = 1  # optimizer updates per loop step (RL: rl.num_iterations per rollout batch)
+
     def __init__(self, cfg: RunConfig, kind: str, model: Qwen2_5_VLForConditionalGeneration | None = None,
                  mesh: Mesh | None = None):
-        if kind not in KINDS:
-            raise ValueError(f"training kind {kind!r}; expected one of {KINDS}")
+        if kind not in self.kinds:
+            raise ValueError(f"training kind {kind!r}; expected one of {self.kinds}")
         if kind == "sft" and cfg.loss.kwargs:
             raise ValueError(f"config key 'loss.kwargs' is for `train dpo`; SFT is token-mean NLL without options, "
                              f"got {cfg.loss.kwargs}")
@@ -94,24 +97,36 @@ class Trainer:
         model = build_model(cfg) if model is None else model
         self.model_cfg: ModelConfig = model.config
         self.graphdef = nnx.graphdef(model)
-        self.tx = make_optimizer(cfg.optim, cfg.train.steps)
-        self.schedule = lr_schedule(cfg.optim, cfg.train.steps)
+        total_updates = cfg.train.steps * self.updates_per_step
+        self.tx = make_optimizer(cfg.optim, total_updates)
+        self.schedule = lr_schedule(cfg.optim, total_updates)
         freeze = cfg.model.freeze_vision
         self.shardings = state_shardings(model, self.tx, freeze, self.mesh, rules)
         self.state = create_state(model, self.tx, self.shardings, freeze, cfg.train.seed)
         self.extra = self.extra_shardings = None
-        if kind == "dpo" and cfg.model.reference == "batch":
+        if self.uses_reference():
             self.extra_shardings = join_params(self.shardings.params, self.shardings.frozen)
             self.extra = jax.tree.map(lambda x: x.copy(), join_params(self.state.params, self.state.frozen))
-        self.spec: LossSpec = sft_spec() if kind == "sft" else dpo_spec(self.graphdef, cfg.loss.name,
-                                                                        **cfg.loss.kwargs)
-        reference_forwards = 1 if self.extra is not None else 0
-        self.flops_per_token = (6 + 2 * reference_forwards) * _matmul_params(model)
+        self.spec: LossSpec = self.build_spec(model)
+        self.flops_per_token = self.flops_factor() * _matmul_params(model)
+        self.last_tokens = 0.0  # tokens processed by the last train_step (throughput)
         self._step_fns: dict[Any, tuple] = {}
         del model
         ck = cfg.checkpoint
         ck_dir = ck.dir or str(Path(cfg.train.output_dir) / "checkpoints")
         self.checkpointer = Checkpointer(ck_dir, ck.keep_last_n, ck.keep_best_metric, ck.best_mode, ck.async_save)
+
+    def uses_reference(self) -> bool:
+        """Whether the steps get a frozen copy of the starting parameters as ``extra``."""
+        return self.kind == "dpo" and self.cfg.model.reference == "batch"
+
+    def build_spec(self, model: Qwen2_5_VLForConditionalGeneration) -> LossSpec:
+        """The loss of this kind (``model``: the starting policy, e.g. for a sampler)."""
+        return sft_spec() if self.kind == "sft" else dpo_spec(self.graphdef, self.cfg.loss.name, **self.cfg.loss.kwargs)
+
+    def flops_factor(self) -> int:
+        """Model FLOPs per token per matmul parameter of one step: 6 (forward + backward) + 2 per extra forward."""
+        return 6 + (2 if self.extra is not None else 0)
 
     # ---------------------------------------------------------------------------------------
     # batches and steps
@@ -165,6 +180,7 @@ class Trainer:
         self.state, metrics = self._fns(prepared)[0](self.state, prepared, self.extra)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         check_finite(step + 1, metrics)
+        self.last_tokens = float(np.asarray(batch["attention_mask"]).sum()) * jax.process_count()
         return metrics
 
     def evaluate(self, batches: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:
@@ -204,7 +220,12 @@ class Trainer:
         self.state, data_state = self.checkpointer.restore(self.state)
         if hasattr(data, "set_state"):
             data.set_state(data_state)
-        return int(self.state.step)
+        return self.loop_step
+
+    @property
+    def loop_step(self) -> int:
+        """Loop steps done (optimizer updates / updates_per_step)."""
+        return int(self.state.step) // self.updates_per_step
 
     def _data_state(self, data: Any, consumed: int) -> dict[str, Any]:
         return data.get_state() if hasattr(data, "get_state") else {"batches_consumed": consumed}
@@ -231,14 +252,13 @@ class Trainer:
         try:
             for step in range(start + 1, cfg.train.steps + 1):
                 batch = next(it)
-                tokens = float(np.asarray(batch["attention_mask"]).sum())
                 t0 = time.perf_counter()
                 metrics = self.train_step(batch)
                 seconds = time.perf_counter() - t0
                 if cfg.train.eval_every and eval_data is not None and step % cfg.train.eval_every == 0:
                     metrics.update(self.evaluate(eval_data))
                 if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                    metrics = logger.log(step, metrics, tokens * jax.process_count(), seconds)
+                    metrics = logger.log(step, metrics, self.last_tokens, seconds)
                 logger.advance()
                 history.append(metrics)
                 if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.train.steps:
