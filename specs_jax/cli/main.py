@@ -6,8 +6,9 @@ import argparse
 import sys
 
 from specs_jax.cli import convert, data, generate, init, train
+from specs_jax.cli import eval as eval_cmd
 
-COMMANDS = (init, convert, generate, train, data)
+COMMANDS = (init, convert, generate, train, data, eval_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
