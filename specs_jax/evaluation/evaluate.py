@@ -154,17 +154,23 @@ def evaluate_model(
     progress: bool = True,
     pipeline: PipelineConfig | None = None,
     num_examples: int = NUM_EXAMPLES,
+    sampler: Sampler | None = None,
 ) -> dict[str, dict[str, Any]]:
     """:func:`evaluate_split` on every split with one :class:`Sampler` (``cfg.max_new_tokens`` new tokens).
 
     Returns ``{"splits": {name: metrics}, "examples": {name: first num_examples greedy responses}}``;
-    ``progress`` shows a tqdm bar over prompts.
+    ``progress`` shows a tqdm bar over prompts. ``sampler``: an existing sampler of the same architecture
+    (with ``cfg.max_new_tokens``) to reuse its compiled programs across models (pass their ``weights``).
     """
     from tqdm import tqdm
 
     if not splits:
         raise ValueError("no evaluation splits given (config key 'eval.splits')")
-    sampler = Sampler(model, processor, SamplerConfig(max_new_tokens=cfg.max_new_tokens))
+    if sampler is None:
+        sampler = Sampler(model, processor, SamplerConfig(max_new_tokens=cfg.max_new_tokens))
+    elif sampler.config.max_new_tokens != cfg.max_new_tokens:
+        raise ValueError(f"sampler generates {sampler.config.max_new_tokens} tokens, eval.max_new_tokens is "
+                         f"{cfg.max_new_tokens}")
     total = sum(min(len(rows), cfg.max_examples) if cfg.max_examples else len(rows) for rows in splits.values())
     results: dict[str, dict[str, Any]] = {"splits": {}, "examples": {}}
     with tqdm(total=total, unit="prompt", disable=not progress, dynamic_ncols=True) as bar:

@@ -205,21 +205,26 @@ class RLTrainer(Trainer):
         keep = accuracy_filter_mask(scores[0].accuracy > 0, rl.group_size, rl.accuracy_filter)
         seqs = self.algorithm.sequences(prompts, ro)
         seqs["loss_mask"] = np.where(keep[:, None], seqs["loss_mask"], 0)
-        metrics = _scored(ro, scores[0], keep, rl.group_size)
-        if keep.any():
-            prepared = self.place(self.algorithm.prepare(seqs, cfg.optim.grad_accum_steps))
-            fn = self._fns(prepared)[0]
-            for _ in range(self.updates_per_step):
-                self.state, update = fn(self.state, prepared, self.extra)
-            update = {k: float(v) for k, v in jax.device_get(update).items()}
-            check_finite(int(self.state.step), update)
-            metrics.update(update)
-        else:  # nothing to learn from: count the step, leave the weights and the optimizer alone
-            self.state = self.state._replace(step=self.state.step + self.updates_per_step)
+        metrics = {**_scored(ro, scores[0], keep, rl.group_size), **self.update(seqs)}
         t2 = time.perf_counter()
         metrics.update({"time/rollout_s": t1 - t0, "time/update_s": t2 - t1})
         self.last_tokens = float(ro.generation.mask.sum() + ro.generation.prompt_mask.sum())
         self.last_rollout = ro
+        return metrics
+
+    def update(self, seqs: dict[str, Any]) -> dict[str, float]:
+        """``rl.num_iterations`` optimizer updates on a host step batch (:meth:`RLAlgorithm.sequences`);
+        the metrics of the last one. An all-zero ``loss_mask`` (every group filtered) skips the updates:
+        only the step counter moves, the weights and the optimizer state stay."""
+        if not np.asarray(seqs["loss_mask"]).any():
+            self.state = self.state._replace(step=self.state.step + self.updates_per_step)
+            return {}
+        prepared = self.place(self.algorithm.prepare(seqs, self.cfg.optim.grad_accum_steps))
+        fn = self._fns(prepared)[0]
+        for _ in range(self.updates_per_step):
+            self.state, metrics = fn(self.state, prepared, self.extra)
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        check_finite(int(self.state.step), metrics)
         return metrics
 
     def evaluate(self, batches):  # noqa: D102 - RL stages are evaluated by specs_jax.evaluation
