@@ -136,3 +136,20 @@ def scan_layers(layers: nnx.Module, carry: jax.Array, xs, body: Callable, remat:
     if remat != "none":
         step = jax.checkpoint(step, policy=REMAT[remat], prevent_cse=False)
     return jax.lax.scan(step, carry, (state, xs))
+
+
+BATCH_MESH_AXES = ("data", "fsdp")
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+    """Pin the leading (batch) axis of an activation ``[B, ...]`` to the ``(data, fsdp)`` axes of the
+    ambient mesh (``jax.set_mesh``), the rest replicated. Without this, XLA may split a layer's
+    activations over the hidden axis (following the FSDP-sharded weights) and compute every row on
+    every device. No-op without a mesh holding both axes, or when B does not divide evenly."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(BATCH_MESH_AXES) <= set(mesh.axis_names):
+        return x
+    if x.shape[0] % (mesh.shape["data"] * mesh.shape["fsdp"]):
+        return x
+    spec = jax.sharding.PartitionSpec(BATCH_MESH_AXES, *([None] * (x.ndim - 1)))
+    return jax.lax.with_sharding_constraint(x, spec)

@@ -26,7 +26,7 @@ from flax import nnx
 
 from specs_jax.model.config import ModelConfig
 from specs_jax.model.layers import (Embedding, GatedMLP, Linear, RMSNorm, _param, activation, apply_rotary,
-                                    scan_layers)
+                                    constrain_batch, scan_layers)
 from specs_jax.model.positions import get_rope_index, vision_layout
 
 
@@ -289,9 +289,9 @@ class TextModel(nnx.Module):
         t = self.text_cfg
         cos, sin = mrope_cos_sin(positions, t.head_dim, t.rope_theta, t.mrope_section, self.dtype)
         if cache is None:
-            h, _ = scan_layers(self.layers, embeds, None, lambda layer, h, _: (layer(h, cos, sin, mask)[0], None),
-                               self.remat)
-            return self.norm(h), None
+            h, _ = scan_layers(self.layers, constrain_batch(embeds), None,
+                               lambda layer, h, _: (constrain_batch(layer(h, cos, sin, mask)[0]), None), self.remat)
+            return constrain_batch(self.norm(h)), None
 
         def body(layer, carry, i):  # the cache rides in the carry so each step updates it in place
             h, kv = layer(carry[0], cos, sin, mask, (*carry[1:], i), index)

@@ -28,7 +28,8 @@ import numpy as np
 
 from specs_jax.model import ModelConfig, ModelInputs, prepare_inputs
 
-__all__ = ["SeqBatch", "prepare_dpo", "prepare_grpo", "prepare_sequences", "prepare_sft", "stack_micro"]
+__all__ = ["SeqBatch", "pow2_bucket", "prepare_dpo", "prepare_grpo", "prepare_sequences", "prepare_sft",
+           "stack_micro"]
 
 ROW_KEYS = ("input_ids", "attention_mask", "loss_mask")
 REF_KEY = "ref_logps"
@@ -47,18 +48,29 @@ class SeqBatch(NamedTuple):
     rows: dict[str, np.ndarray] | None = None
 
 
+def pow2_bucket(n: int, minimum: int = 64) -> int:
+    """The smallest power of two ``>= max(n, minimum)``. A step's image patches are padded to it (with a
+    dummy image no token attends to), so batches of other image sizes reuse the compiled step."""
+    return 1 << (max(n, minimum) - 1).bit_length()
+
+
 def prepare_sequences(cfg: ModelConfig, input_ids: np.ndarray, attention_mask: np.ndarray,
                       loss_mask: np.ndarray, pixel_values: np.ndarray | None = None,
                       image_grid_thw: np.ndarray | None = None,
-                      ref_logps: np.ndarray | None = None, rows: dict[str, np.ndarray] | None = None) -> SeqBatch:
+                      ref_logps: np.ndarray | None = None, rows: dict[str, np.ndarray] | None = None,
+                      patches: int | None = None) -> SeqBatch:
     """One :class:`SeqBatch`: the label at position ``t`` is token ``t+1``; it counts where token
-    ``t+1`` is an attended ``loss_mask`` token (the last position never counts)."""
+    ``t+1`` is an attended ``loss_mask`` token (the last position never counts). ``patches``: pad the
+    image patches to this count (:func:`specs_jax.model.prepare_inputs`'s ``patch_bucket``)."""
     ids = np.asarray(input_ids)
     attn = np.asarray(attention_mask).astype(bool)
     resp = np.asarray(loss_mask).astype(bool)
     if resp.shape != ids.shape:
         raise ValueError(f"loss_mask shape {resp.shape} != input_ids shape {ids.shape}")
-    inputs = prepare_inputs(cfg, ids, attn, pixel_values, image_grid_thw)
+    if patches is not None and pixel_values is None:  # no image here, but in other micro-batches: dummy only
+        pixel_values = np.zeros((0, cfg.vision.patch_dim), np.float32)
+        image_grid_thw = np.zeros((0, 3), np.int64)
+    inputs = prepare_inputs(cfg, ids, attn, pixel_values, image_grid_thw, patch_bucket=patches)
     labels = np.concatenate([ids[:, 1:], np.zeros_like(ids[:, :1])], axis=1).astype(np.int32)
     mask = np.concatenate([resp[:, 1:] & attn[:, 1:], np.zeros_like(resp[:, :1])], axis=1).astype(np.float32)
     if ref_logps is not None:
@@ -103,14 +115,20 @@ def select_images(cfg: ModelConfig, batch: Mapping[str, np.ndarray],
     return np.concatenate([pixels[patch_start[i]:patch_end[i]] for i in keep]), grid[keep]
 
 
-def _select_rows(cfg: ModelConfig, batch: Mapping[str, np.ndarray], rows: np.ndarray,
-                 per_row: tuple[str, ...] = ()) -> SeqBatch:
-    """The prepared :class:`SeqBatch` of the given rows of ``batch``, with the images those rows show
+def _prepare_rows(cfg: ModelConfig, batch: Mapping[str, np.ndarray], row_sets: list[np.ndarray],
+                  per_row: tuple[str, ...] = ()) -> SeqBatch:
+    """Stacked :class:`SeqBatch` of micro-batches, micro-batch ``i`` holding rows ``row_sets[i]`` of
+    ``batch`` with the images those rows show (patches padded to one :func:`pow2_bucket` for all)
     and the ``per_row`` arrays of those rows in :attr:`SeqBatch.rows`."""
-    out = {k: np.asarray(batch[k])[rows] for k in (*ROW_KEYS, REF_KEY, *per_row) if batch.get(k) is not None}
-    out["pixel_values"], out["image_grid_thw"] = select_images(cfg, batch, rows)
-    return prepare_sequences(cfg, out["input_ids"], out["attention_mask"], out["loss_mask"], out["pixel_values"],
-                             out["image_grid_thw"], out.get(REF_KEY), {k: out[k] for k in per_row} or None)
+    images = [select_images(cfg, batch, rows) for rows in row_sets]
+    counts = [len(pixels) for pixels, _ in images if pixels is not None]
+    patches = pow2_bucket(max(counts)) if counts else None
+    parts = []
+    for rows, (pixels, grid) in zip(row_sets, images):
+        out = {k: np.asarray(batch[k])[rows] for k in (*ROW_KEYS, REF_KEY, *per_row) if batch.get(k) is not None}
+        parts.append(prepare_sequences(cfg, out["input_ids"], out["attention_mask"], out["loss_mask"], pixels, grid,
+                                       out.get(REF_KEY), {k: out[k] for k in per_row} or None, patches))
+    return stack_micro(parts)
 
 
 def stack_micro(parts: list[SeqBatch]) -> SeqBatch:
@@ -145,7 +163,7 @@ def _check_keys(batch: Mapping[str, np.ndarray], kind: str, keys: tuple[str, ...
 def prepare_sft(cfg: ModelConfig, batch: Mapping[str, np.ndarray], accum: int) -> SeqBatch:
     """SFT batch dict -> stacked :class:`SeqBatch` ``[accum, B/accum, ...]``."""
     _check_keys(batch, "SFT")
-    return stack_micro([_select_rows(cfg, batch, rows) for rows in _micro_rows(len(batch["input_ids"]), accum)])
+    return _prepare_rows(cfg, batch, _micro_rows(len(batch["input_ids"]), accum))
 
 
 def prepare_dpo(cfg: ModelConfig, batch: Mapping[str, np.ndarray], accum: int) -> SeqBatch:
@@ -156,8 +174,7 @@ def prepare_dpo(cfg: ModelConfig, batch: Mapping[str, np.ndarray], accum: int) -
     if n_rows % 2:
         raise ValueError(f"a DPO batch has 2B rows (chosen, then rejected), got {n_rows}")
     pairs = n_rows // 2
-    return stack_micro([_select_rows(cfg, batch, np.concatenate([p, p + pairs]))
-                        for p in _micro_rows(pairs, accum)])
+    return _prepare_rows(cfg, batch, [np.concatenate([p, p + pairs]) for p in _micro_rows(pairs, accum)])
 
 
 GRPO_KEYS = ("old_logps", "advantages")
@@ -168,5 +185,4 @@ def prepare_grpo(cfg: ModelConfig, batch: Mapping[str, np.ndarray], accum: int) 
     ``advantages [R]``, see :func:`specs_jax.training.grpo.rollout_sequences`) -> stacked
     :class:`SeqBatch` ``[accum, R/accum, ...]`` with those two in :attr:`SeqBatch.rows`."""
     _check_keys(batch, "GRPO", ROW_KEYS + GRPO_KEYS)
-    return stack_micro([_select_rows(cfg, batch, rows, GRPO_KEYS)
-                        for rows in _micro_rows(len(batch["input_ids"]), accum)])
+    return _prepare_rows(cfg, batch, _micro_rows(len(batch["input_ids"]), accum), GRPO_KEYS)

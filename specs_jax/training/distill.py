@@ -88,7 +88,7 @@ from specs_jax.data.pipeline import prompt_messages
 from specs_jax.data.tokenizer import IMAGE_TOKEN, Processor
 from specs_jax.losses import get_loss, vigos_description_end, vigos_teacher_index
 from specs_jax.model import ModelConfig, ModelInputs, prepare_inputs
-from specs_jax.training.batches import select_images, stack_micro
+from specs_jax.training.batches import pow2_bucket, select_images, stack_micro
 from specs_jax.training.config import RunConfig
 from specs_jax.training.grpo import ScoredRollout, rollout_sequences
 from specs_jax.training.sharding import batch_spec
@@ -218,11 +218,6 @@ def vigos_routing(tokenizer: Any, tokens: np.ndarray, mask: np.ndarray,
     return vigos_teacher_index(starts, ends), np.array([e is not None for e in ends])
 
 
-def _bucket(n: int, minimum: int) -> int:
-    """The smallest power of two ``>= max(n, minimum)``."""
-    return 1 << (max(n, minimum) - 1).bit_length()
-
-
 def _rows_of(batch: Mapping[str, Any], key: str, n: int) -> list:
     value = batch.get(key)
     return [None] * n if value is None else list(value)
@@ -305,7 +300,7 @@ class _Distill:
 
     def _context_rows(self, contexts: list[np.ndarray], gen) -> tuple[np.ndarray, np.ndarray]:
         """Left-pad one context per row to a power-of-two width and append the completion columns."""
-        width = _bucket(max(len(c) for c in contexts), 32)
+        width = pow2_bucket(max(len(c) for c in contexts), 32)
         ids = np.full((len(contexts), width), self.pad_id, np.int32)
         attn = np.zeros((len(contexts), width), np.int32)
         for r, c in enumerate(contexts):
@@ -350,7 +345,7 @@ class _Distill:
         splits = np.split(np.arange(n_rows), accum)
         images = [select_images(self.model_cfg, seqs, rows) for rows in splits]
         has_images = any(g is not None for _, g in images)
-        patches = _bucket(max((len(p) for p, _ in images if p is not None), default=0), 64) if has_images else None
+        patches = pow2_bucket(max((len(p) for p, _ in images if p is not None), default=0)) if has_images else None
         parts = []
         for rows, (pixels, grid) in zip(splits, images):
             # teacher rows show the same images as their student rows: positions from them, vision from the student

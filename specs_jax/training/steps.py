@@ -154,6 +154,21 @@ def _tree_add(a, b):
     return jax.tree.map(jnp.add, a, b)
 
 
+def _under_mesh(fn: Callable, mesh: Mesh) -> Callable:
+    """``fn`` traced and run with ``mesh`` as the ambient mesh, so the model pins its activations' batch
+    axis to the mesh's batch axes (:func:`specs_jax.model.layers.constrain_batch`). ``.lower`` too (AOT)."""
+    def run(*args):
+        with jax.set_mesh(mesh):
+            return fn(*args)
+
+    def lower(*args):
+        with jax.set_mesh(mesh):
+            return fn.lower(*args)
+
+    run.lower = lower
+    return run
+
+
 def make_train_step(graphdef: nnx.GraphDef, spec: LossSpec, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, state_shardings: TrainState, batch_sharding: SeqBatch,
                     extra_shardings: Any = None) -> Callable[[TrainState, SeqBatch, Any], tuple[TrainState, dict]]:
@@ -190,8 +205,9 @@ def make_train_step(graphdef: nnx.GraphDef, spec: LossSpec, tx: optax.GradientTr
                    "lr": jnp.asarray(schedule(state.step), jnp.float32)}
         return TrainState(state.step + 1, params, state.frozen, opt_state, rng), metrics
 
-    return jax.jit(step, in_shardings=(state_shardings, batch_sharding, extra_shardings),
-                   out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+    return _under_mesh(jax.jit(step, in_shardings=(state_shardings, batch_sharding, extra_shardings),
+                               out_shardings=(state_shardings, replicated), donate_argnums=(0,)),
+                       state_shardings.step.mesh)
 
 
 def make_eval_step(graphdef: nnx.GraphDef, spec: LossSpec, state_shardings: TrainState, batch_sharding: SeqBatch,
@@ -211,5 +227,5 @@ def make_eval_step(graphdef: nnx.GraphDef, spec: LossSpec, state_shardings: Trai
         (loss, metrics), _ = jax.lax.scan(body, zeros, batch)
         return {**metrics, "loss": loss}
 
-    return jax.jit(evaluate, in_shardings=(state_shardings, batch_sharding, extra_shardings),
-                   out_shardings=replicated)
+    return _under_mesh(jax.jit(evaluate, in_shardings=(state_shardings, batch_sharding, extra_shardings),
+                               out_shardings=replicated), state_shardings.step.mesh)
