@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from specs_jax.cli import convert, data, generate, init, train
+from specs_jax.cli import convert, data, generate, init, pipeline, train
 from specs_jax.cli import eval as eval_cmd
 
-COMMANDS = (init, convert, generate, train, data, eval_cmd)
+COMMANDS = (init, convert, generate, train, data, pipeline, eval_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,409 @@
+"""The SPECS pipeline, stage by stage, resumable: a finished stage (its ``DONE.json``) is not redone,
+an interrupted training stage resumes from its last checkpoint.
+
+Stages of one seed, in ``R = run_dir`` (ablation: ``run_dir/seed<s>``)::
+
+    data        synthetic dataset: data/{train,id_test,ood_test}.parquet
+    base        processor + tiny base model (SFT, mostly plain-text answers): base/model
+    grpo_zero   GRPO from the base model: grpo_zero/model
+    pairs       samples of GRPO-zero and base on training prompts -> pairs/pairs.parquet
+    cold_start  DPO-hybrid (or SFT on the chosen responses) from the base model, checkpoints
+                evaluated for the GF curve: cold_start/model, cold_start/gf.json
+    grpo_final  GRPO from the cold-start model (from the base model without a cold start)
+    eval        greedy accuracy / format rate / pass@k of every model on both splits; RBF
+    report      report.md + plots/ (specs_jax.pipeline.report)
+
+Every stage directory holds the stage's ``train/metrics.jsonl`` (and TensorBoard), checkpoints and
+the exported HF model (with the processor), so any stage's model loads with ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from specs_jax.pipeline.config import PipelineConfig, stage_config
+
+__all__ = ["run_pipeline"]
+
+EVAL_SPLITS = ("id_test", "ood_test")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """Atomic JSON write (tmp file + rename): a kill never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _stage(root: Path, name: str, fn: Callable[[Path], dict], timings: dict) -> dict:
+    """Run ``fn(stage_dir)`` unless ``stage_dir/DONE.json`` exists; record its summary and time."""
+    out = root / name
+    done = out / "DONE.json"
+    if done.is_file():
+        print(f"[{root.name}] {name}: done earlier, skipped")
+        return json.loads(done.read_text())
+    print(f"[{root.name}] {name}: running")
+    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    summary = fn(out)
+    timings[name] = time.perf_counter() - t0
+    _write_json(root / "timings.json", timings)
+    _write_json(done, summary)
+    return summary
+
+
+# ---------------------------------------------------------------------------------- training
+
+
+def _batches(kind: str, rcfg, processor, path: Path, system_prompt: str, columns=None, image_root=None):
+    from specs_jax.data.pipeline import Columns, DataConfig, load_rows, preference_batches, rl_batches, sft_batches
+
+    make = {"sft": sft_batches, "dpo": preference_batches}.get(kind, rl_batches)
+    pipe = DataConfig(columns=columns or Columns(), batch_size=rcfg.train.batch_size,
+                      buckets=tuple(rcfg.data.buckets) or (rcfg.train.max_length,), seed=rcfg.train.seed,
+                      num_epochs=None, system_prompt=system_prompt, image_root=image_root, read_threads=1)
+    return make(load_rows(path), processor, pipe)
+
+
+def _save_model(trainer, processor, out: Path) -> Path:
+    """Export the trainer's current parameters (+ processor) as an HF model directory."""
+    from specs_jax.convert.io import save_model
+    from specs_jax.training.state import join_params, model_from_params
+
+    model = model_from_params(trainer.graphdef, join_params(trainer.state.params, trainer.state.frozen))
+    save_model(model, out, fmt="hf", overwrite=True)
+    processor.save_pretrained(out)
+    return out
+
+
+def _train(kind: str, rcfg, processor, data_path: Path, out: Path, system_prompt: str, model=None,
+           **data_kwargs) -> dict:
+    """Train one stage to ``rcfg.train.steps`` (resuming its checkpoints), export ``out/model``."""
+    from specs_jax.training.rl import RL_KINDS, RLTrainer
+    from specs_jax.training.trainer import Trainer
+
+    trainer = (RLTrainer(rcfg, kind, processor, model=model) if kind in RL_KINDS
+               else Trainer(rcfg, kind, model=model))
+    data = _batches(kind, rcfg, processor, data_path, system_prompt, **data_kwargs)
+    history = trainer.fit(data, resume=True)
+    trainer.close()
+    _save_model(trainer, processor, out / "model")
+    last = history[-1] if history else {}
+    return {"steps": trainer.loop_step, "last": last, "skipped_rows": dict(getattr(data, "skipped", {}) or {})}
+
+
+def _stage_run_config(cfg: PipelineConfig, stage: str, out: Path, seed: int, model_path: str | None,
+                      variant: dict | None = None, **extra):
+    return stage_config(cfg, stage, variant, model__path=model_path, train__output_dir=str(out / "train"),
+                        train__seed=seed, data__system_prompt=cfg.system_prompt, **extra)
+
+
+# ---------------------------------------------------------------------------------- stages
+
+
+def _data_stage(cfg: PipelineConfig, seed: int) -> Callable[[Path], dict]:
+    def run(out: Path) -> dict:
+        from specs_jax.data.synth import SynthConfig, save_synth, summarize, synth_dataset
+
+        ds = synth_dataset(SynthConfig(**{**cfg.synth, "seed": seed}))
+        save_synth(ds, out)
+        return summarize(ds)
+    return run
+
+
+def _base_stage(cfg: PipelineConfig, seed: int, data: Path) -> Callable[[Path], dict]:
+    def run(out: Path) -> dict:
+        import jax
+        from flax import nnx
+
+        from specs_jax.data.pipeline import load_rows
+        from specs_jax.data.tokenizer import ProcessorConfig, build_processor, model_token_fields
+        from specs_jax.model import Qwen2_5_VLForConditionalGeneration, from_hf_dict, load_preset
+        from specs_jax.pipeline.base_model import BaseModelConfig, formatted_response, sft_rows
+
+        base = BaseModelConfig(**cfg.base)
+        rows = load_rows(data / "train.parquet")
+        targets, formatted = sft_rows(rows["solution"], base.format_fraction, seed)
+        # the system prompt opens every prompt: repeated so the BPE learns it as a few tokens
+        corpus = [*rows["question"], *rows["solution"], *map(formatted_response, rows["solution"][:64]),
+                  *[cfg.system_prompt] * 64]
+        processor = build_processor(corpus, ProcessorConfig(vocab_size=base.vocab_size))
+        hf = load_preset("tiny").hf_config
+        arch = dict(base.architecture)
+        vision = {**hf["vision_config"], **arch.pop("vision_config", {})}
+        rcfg = _stage_run_config(cfg, "base", out, seed, None)
+        model_cfg = from_hf_dict({**hf, **arch, "vision_config": vision, **model_token_fields(processor.tokenizer)},
+                                 dtype=rcfg.model.dtype, param_dtype=rcfg.model.param_dtype, remat=rcfg.model.remat)
+        sft_path = out / "sft.parquet"
+        rows.add_column("response", targets).to_parquet(str(sft_path))
+        model = Qwen2_5_VLForConditionalGeneration(model_cfg, rngs=nnx.Rngs(seed))
+        summary = _train("sft", rcfg, processor, sft_path, out, cfg.system_prompt, model=model)
+        n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+        return {**summary, "parameters": int(n), "vocab_size": model_cfg.text.vocab_size,
+                "sft_rows": len(targets), "sft_formatted_share": float(formatted.mean())}
+    return run
+
+
+def _rl_stage(cfg: PipelineConfig, stage: str, seed: int, data: Path, start: Path) -> Callable[[Path], dict]:
+    def run(out: Path) -> dict:
+        from specs_jax.data.tokenizer import load_processor
+
+        rcfg = _stage_run_config(cfg, stage, out, seed, str(start))
+        return _train("grpo", rcfg, load_processor(start), data / "train.parquet", out, cfg.system_prompt)
+    return run
+
+
+class _Policies:
+    """Samplers shared by every model of a run (same architecture): each shape compiles once; a
+    model enters as ``weights``. ``top_probs``: the sampler also returns top-k probabilities (RBF)."""
+
+    def __init__(self, base: Path, max_new_tokens: int):
+        from specs_jax.convert.io import load_model
+        from specs_jax.data.tokenizer import load_processor
+
+        self.model = load_model(base, "float32")
+        self.processor = load_processor(base)
+        self.max_new_tokens = max_new_tokens
+        self._samplers: dict[int, Any] = {}
+
+    def sampler(self, top_probs: int = 0):
+        from specs_jax.sampling import Sampler, SamplerConfig
+
+        if top_probs not in self._samplers:
+            self._samplers[top_probs] = Sampler(self.model, self.processor,
+                                                SamplerConfig(max_new_tokens=self.max_new_tokens, top_probs=top_probs))
+        return self._samplers[top_probs]
+
+    @staticmethod
+    def weights(model_dir: Path):
+        from flax import nnx
+
+        from specs_jax.convert.io import load_model
+
+        return nnx.state(load_model(model_dir, "float32"))
+
+    def sample(self, model_dir: Path, rows, system_prompt: str, n: int, temperature: float, seed: int,
+               top_probs: int = 0):
+        """``n`` sampled responses per row of ``rows`` (prompt-major): (texts, row index of each,
+        top-k probabilities per batch, masks per batch)."""
+        from specs_jax.data.pipeline import DataConfig, rl_batches
+        from specs_jax.sampling import SamplingParams
+
+        sampler, weights = self.sampler(top_probs), self.weights(model_dir)
+        batches = rl_batches(rows, self.processor, DataConfig(batch_size=16, buckets=(256,), shuffle=False,
+                                                              num_epochs=1, drop_remainder=False,
+                                                              system_prompt=system_prompt, read_threads=1))
+        texts, probs, masks, row_ids = [], [], [], []
+        for i, batch in enumerate(batches):
+            gen = sampler.generate_ids(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"),
+                                       batch.get("image_grid_thw"), n=n, params=SamplingParams(temperature=temperature),
+                                       seed=seed * 1000 + i, weights=weights)
+            texts += gen.texts
+            row_ids += [int(r) for r in batch["row_id"] for _ in range(n)]
+            probs.append(gen.top_probs)
+            masks.append(gen.mask)
+        return texts, row_ids, probs, masks
+
+    def evaluate(self, model_dir: Path, eval_rows: dict, ecfg, system_prompt: str, seed: int) -> dict:
+        from specs_jax.data.pipeline import DataConfig
+        from specs_jax.evaluation import evaluate_model
+
+        return evaluate_model(None, self.processor, eval_rows, ecfg, seed=seed, weights=self.weights(model_dir),
+                              pipeline=DataConfig(system_prompt=system_prompt, read_threads=1),
+                              sampler=self.sampler())
+
+
+def _pairs_stage(cfg: PipelineConfig, seed: int, data: Path, base: Path, grpo_zero: Path,
+                 policies: _Policies) -> Callable[[Path], dict]:
+    def run(out: Path) -> dict:
+        from specs_jax.data.pairs import PairConfig, PromptSamples, build_pairs, save_pairs
+        from specs_jax.data.pipeline import load_rows
+
+        p = cfg.pairs
+        rows = load_rows(data / "train.parquet")
+        rows = rows.select(range(min(p.prompts, len(rows))))
+        sampled = {name: policies.sample(path, rows, cfg.system_prompt, p.samples, p.temperature, seed)[:2]
+                   for name, path in (("grpo_zero", grpo_zero), ("base", base))}
+        images = out / "images"
+        images.mkdir(exist_ok=True)
+        samples = []
+        for i, row in enumerate(rows):
+            image = f"images/{row['id']}.png"
+            (out / image).write_bytes(row["image"]["bytes"])
+            by = {name: [t for t, r in zip(*sampled[name]) if r == i] for name in sampled}
+            samples.append(PromptSamples(prompt=row["question"], answer=row["answer"], grpo_zero=by["grpo_zero"],
+                                         base=by["base"], image=image))
+        dataset, summary = build_pairs(samples, PairConfig(pairs_per_prompt=p.pairs_per_prompt,
+                                                           base_rejected_prob=p.base_rejected_prob, seed=seed))
+        if len(dataset) == 0:
+            raise ValueError("GRPO-zero produced no correct, formatted response on the sampled training prompts: "
+                             "no preference pairs (raise grpo_zero.train.steps or base.format_fraction)")
+        save_pairs(dataset, summary, out)
+        return summary
+    return run
+
+
+def _cold_start_stage(cfg: PipelineConfig, seed: int, variant: dict, pairs: Path, base: Path,
+                      eval_rows: dict, policies: _Policies) -> Callable[[Path], dict]:
+    def run(out: Path) -> dict:
+        from specs_jax.data.pipeline import PAIR_COLUMNS, Columns
+        from specs_jax.data.tokenizer import load_processor
+
+        kind = variant.get("kind", "dpo")
+        rcfg0 = _stage_run_config(cfg, "cold_start", out, seed, str(base), variant)
+        every = max(rcfg0.train.steps // cfg.gf_points, 1)
+        rcfg = _stage_run_config(cfg, "cold_start", out, seed, str(base), variant, checkpoint__every=every,
+                                 checkpoint__keep_last_n=cfg.gf_points + 2)
+        columns = PAIR_COLUMNS if kind == "dpo" else Columns(question="prompt", response="chosen")
+        processor = load_processor(base)
+        summary = _train(kind, rcfg, processor, pairs / "pairs.parquet", out, cfg.system_prompt,
+                         columns=columns, image_root=str(pairs))
+        summary["gf"] = _gf_curve(cfg, processor, out, base, eval_rows, rcfg.train.batch_size, policies)
+        return summary
+    return run
+
+
+def _eval_config(cfg: PipelineConfig, **overrides):
+    from specs_jax.training.config import EvalConfig
+
+    return dataclasses.replace(EvalConfig(**{k: v for k, v in cfg.eval.items() if k != "splits"}), **overrides)
+
+
+def _gf_curve(cfg: PipelineConfig, processor, out: Path, base: Path, eval_rows: dict, pairs_per_step: int,
+              policies: _Policies) -> dict:
+    """Greedy ID/OOD accuracy of the starting model and of each cold-start checkpoint; GF per point."""
+    from specs_jax.metrics import gf_curve
+    from specs_jax.model import load_config
+    from specs_jax.training.checkpoint import Checkpointer, export_hf
+
+    ecfg = _eval_config(cfg, num_samples=1, ks=[1])
+    model_cfg = load_config(base)
+    ck = Checkpointer(str(out / "train" / "checkpoints"), 100, None, "min", False)
+    steps = ck.all_steps()
+    ck.close()
+    points = [(0, base)]
+    accs = []
+    tmp = Path(tempfile.mkdtemp(dir=out))
+    try:
+        for step in steps:
+            points.append((step, export_hf(out / "train" / "checkpoints", model_cfg, tmp / str(step), step=step)))
+        for _, path in points:
+            res = policies.evaluate(path, eval_rows, ecfg, cfg.system_prompt, seed=0)["splits"]
+            accs.append((res["id_test"]["accuracy"], res["ood_test"]["accuracy"]))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    seen = [s * pairs_per_step for s, _ in points]
+    acc_id, acc_ood = [a for a, _ in accs], [o for _, o in accs]
+    curve = {"samples_seen": seen, "acc_id": acc_id, "acc_ood": acc_ood,
+             "gf": [float(g) for g in gf_curve(seen, acc_id, acc_ood)]}
+    _write_json(out / "gf.json", curve)
+    return curve
+
+
+def _rbf(cfg: PipelineConfig, model_dir: Path, rows, seed: int, policies: _Policies) -> dict[str, float]:
+    """RBF (nucleus p = 0.95, top-32 probabilities) over the first ``n`` rollouts of the policy at the RL
+    sampling temperature, for each ``n`` in ``cfg.rbf``."""
+    from specs_jax.metrics import rollout_branching_factor
+
+    rl = stage_config(cfg, "grpo_final").rl
+    per_prompt = rl.group_size
+    rows = rows.select(range(min(len(rows), -(-max(cfg.rbf) // per_prompt))))
+    _, _, probs, masks = policies.sample(model_dir, rows, cfg.system_prompt, per_prompt, rl.temperature, seed,
+                                         top_probs=32)
+    width = max(p.shape[1] for p in probs)
+    probs = np.concatenate([np.pad(p, ((0, 0), (0, width - p.shape[1]), (0, 0))) for p in probs])
+    masks = np.concatenate([np.pad(m, ((0, 0), (0, width - m.shape[1]))) for m in masks])
+    return {str(n): rollout_branching_factor(probs[:n], masks[:n]) for n in cfg.rbf if n <= len(probs)}
+
+
+def _eval_stage(cfg: PipelineConfig, seed: int, models: dict[str, Path], eval_rows: dict, train_rows,
+                rl_models: dict[str, Path], policies: _Policies) -> Callable[[Path], dict]:
+    def run(out: Path) -> dict:
+        results = {}
+        for name, path in models.items():
+            target = out / f"{name}.json"
+            if not target.is_file():
+                _write_json(target, policies.evaluate(path, eval_rows, _eval_config(cfg), cfg.system_prompt, seed))
+            results[name] = json.loads(target.read_text())["splits"]
+        rbf = {name: _rbf(cfg, path, train_rows, seed, policies) for name, path in rl_models.items()}
+        _write_json(out / "rbf.json", rbf)
+        return {"models": results, "rbf": rbf}
+    return run
+
+
+# ---------------------------------------------------------------------------------- driver
+
+
+def _eval_rows(cfg: PipelineConfig, data: Path) -> dict:
+    from specs_jax.data.pipeline import load_rows
+
+    limit = cfg.eval.get("max_examples", 0)
+    rows = {}
+    for split in EVAL_SPLITS:
+        r = load_rows(data / f"{split}.parquet")
+        rows[split] = r.select(range(min(limit, len(r)))) if limit else r
+    return rows
+
+
+def run_seed(cfg: PipelineConfig, root: Path, seed: int) -> dict:
+    """All stages of one seed under ``root``; returns the stage summaries."""
+    from specs_jax.data.pipeline import load_rows
+
+    timings = json.loads((root / "timings.json").read_text()) if (root / "timings.json").is_file() else {}
+    data = root / "data"
+    _stage(root, "data", _data_stage(cfg, seed), timings)
+    eval_rows = _eval_rows(cfg, data)
+    _stage(root, "base", _base_stage(cfg, seed, data), timings)
+    base = root / "base" / "model"
+    _stage(root, "grpo_zero", _rl_stage(cfg, "grpo_zero", seed, data, base), timings)
+    grpo_zero = root / "grpo_zero" / "model"
+    policies = _Policies(base, _eval_config(cfg).max_new_tokens)
+    variants = cfg.variants
+    needs_pairs = any(v.get("kind", "dpo") != "none" for v in variants.values())
+    if needs_pairs:
+        _stage(root, "pairs", _pairs_stage(cfg, seed, data, base, grpo_zero, policies), timings)
+    models = {"base": base, "grpo_zero": grpo_zero}
+    rl_models = {"grpo_zero": grpo_zero}
+    single = len(variants) == 1
+    for name, variant in variants.items():
+        suffix = "" if single else f"_{name}"
+        start = base
+        if variant.get("kind", "dpo") != "none":
+            _stage(root, f"cold_start{suffix}",
+                   _cold_start_stage(cfg, seed, variant, root / "pairs", base, eval_rows, policies), timings)
+            start = root / f"cold_start{suffix}" / "model"
+            models[f"cold_start{suffix}"] = start
+        _stage(root, f"grpo_final{suffix}", _rl_stage(cfg, "grpo_final", seed, data, start), timings)
+        models[f"final{suffix}"] = rl_models[f"final{suffix}"] = root / f"grpo_final{suffix}" / "model"
+    train_rows = load_rows(data / "train.parquet")
+    return _stage(root, "eval", _eval_stage(cfg, seed, models, eval_rows, train_rows, rl_models, policies), timings)
+
+
+def run_pipeline(cfg: PipelineConfig) -> Path:
+    """Run (or resume) every stage of every seed, then write the report; returns the report path."""
+    from specs_jax.pipeline import report
+
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(run_dir / "config.json", dataclasses.asdict(cfg))
+    if not cfg.ablation.seeds and not cfg.ablation.variants:
+        run_seed(cfg, run_dir, cfg.seed)
+        return report.write_report(run_dir)
+    for seed in cfg.seeds:
+        root = run_dir / f"seed{seed}"
+        root.mkdir(exist_ok=True)
+        _write_json(root / "config.json", dataclasses.asdict(cfg))
+        run_seed(cfg, root, seed)
+    return report.write_ablation_report(run_dir, cfg.seeds, list(cfg.variants))

@@ -1,0 +1,94 @@
+"""The SPECS pipeline end to end on a micro config: every stage runs, every artefact is written, a
+finished stage is not redone, and the stages hand their models to each other."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from specs_jax.cli.main import main as cli
+from specs_jax.pipeline import load_pipeline_config
+from specs_jax.pipeline.config import ConfigError
+
+# A base model that has memorised 8 formatted training answers, so that GRPO-zero has correct,
+# formatted samples to build pairs from after a couple of steps.
+MICRO = [
+    "synth.n_train=8", "synth.n_id_test=4", "synth.n_ood_test=4",
+    "base.architecture={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, "
+    "num_key_value_heads: 1, vision_config: {out_hidden_size: 32, depth: 1}}",
+    "base.vocab_size=400", "base.format_fraction=1.0",
+    "base.train={train: {steps: 60, batch_size: 8, max_length: 128}, optim: {lr: 1.0e-2}}",
+    "grpo_zero.train={steps: 2, batch_size: 4, max_length: 96}", "grpo_zero.rl.group_size=2",
+    "grpo_zero.optim.lr=1.0e-5",
+    "pairs={prompts: 8, samples: 2, temperature: 0.5, pairs_per_prompt: 1, base_rejected_prob: 0.5}",
+    "cold_start.train={steps: 2, batch_size: 2, max_length: 192}",
+    "grpo_final.train={steps: 2, batch_size: 4, max_length: 96}", "grpo_final.rl.group_size=2",
+    "eval={max_examples: 4, num_samples: 2, ks: [1, 2], temperature: 1.0, max_new_tokens: 80, batch_size: 4}",
+    "gf_points=2", "rbf=[4, 8]",
+]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pipeline") / "run"
+    assert cli(["pipeline", "--config", "configs/specs_tiny.yaml", f"run_dir={out}", *MICRO]) == 0
+    return out
+
+
+def test_every_stage_leaves_its_artefacts(run_dir):
+    for stage in ("data", "base", "grpo_zero", "pairs", "cold_start", "grpo_final", "eval"):
+        assert (run_dir / stage / "DONE.json").is_file(), stage
+    for stage in ("base", "grpo_zero", "cold_start", "grpo_final"):
+        assert (run_dir / stage / "model" / "model.safetensors").is_file(), stage
+        assert (run_dir / stage / "model" / "tokenizer_config.json").is_file(), stage
+        lines = (run_dir / stage / "train" / "metrics.jsonl").read_text().splitlines()
+        assert len(lines) == {"base": 60, "cold_start": 2}.get(stage, 2), stage
+    evals = {m: json.loads((run_dir / "eval" / f"{m}.json").read_text())
+             for m in ("base", "grpo_zero", "cold_start", "final")}
+    for name, res in evals.items():
+        for split in ("id_test", "ood_test"):
+            metrics = res["splits"][split]
+            assert metrics["n_prompts"] == 4
+            assert all(0.0 <= metrics[k] <= 1.0 for k in ("accuracy", "format_rate", "pass@1", "pass@2")), name
+    gf = json.loads((run_dir / "cold_start" / "gf.json").read_text())
+    assert gf["samples_seen"][0] == 0 and len(gf["samples_seen"]) == len(gf["gf"]) >= 2
+    pairs = json.loads((run_dir / "pairs" / "pairs_summary.json").read_text())
+    assert pairs["pairs"] >= 1
+    rbf = json.loads((run_dir / "eval" / "rbf.json").read_text())
+    assert set(rbf) == {"grpo_zero", "final"} and all(v >= 1.0 for r in rbf.values() for v in r.values())
+    report = (run_dir / "report.md").read_text()
+    assert "ood_test" in report and list((run_dir / "plots").glob("*.png"))
+
+
+def test_the_base_model_memorised_the_format(run_dir):
+    """The base SFT learns (its loss falls) and the pairs come from formatted GRPO-zero samples."""
+    lines = [json.loads(x) for x in (run_dir / "base" / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["loss"] < 0.5 * lines[0]["loss"]
+    pairs = json.loads((run_dir / "pairs" / "pairs_summary.json").read_text())
+    assert pairs["by_source"]["grpo_zero"] + pairs["by_source"]["base"] == pairs["pairs"]
+
+
+def test_a_finished_run_is_not_redone(run_dir, capsys):
+    stamps = {p: p.stat().st_mtime for p in run_dir.glob("*/DONE.json")}
+    assert cli(["pipeline", "--config", "configs/specs_tiny.yaml", f"run_dir={run_dir}", *MICRO]) == 0
+    out = capsys.readouterr().out
+    assert out.count("done earlier, skipped") == 7
+    assert stamps == {p: p.stat().st_mtime for p in run_dir.glob("*/DONE.json")}
+
+
+def test_bad_pipeline_configs_are_refused_with_the_key_named(tmp_path):
+    with pytest.raises(ConfigError, match="grpo_zero.*optim.lrr"):
+        load_pipeline_config("configs/specs_tiny.yaml", ["grpo_zero.optim.lrr=1"])
+    with pytest.raises(ConfigError, match="cold_start.kind"):
+        load_pipeline_config("configs/specs_tiny.yaml", ["cold_start.kind=ppo"])
+    with pytest.raises(ConfigError, match="synth"):
+        load_pipeline_config("configs/specs_tiny.yaml", ["synth.n_trian=3"])
+
+
+def test_the_configs_in_the_repo_load():
+    main = load_pipeline_config("configs/specs_tiny.yaml")
+    assert list(main.variants) == ["specs"] and main.seeds == [0]
+    ablation = load_pipeline_config("configs/specs_tiny_ablation.yaml")
+    assert ablation.seeds == [0, 1, 2]
+    assert {v["kind"] for v in ablation.variants.values()} == {"none", "sft", "dpo"}
