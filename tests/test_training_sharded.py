@@ -1,5 +1,5 @@
 """Sharded (8-device CPU mesh data=2 x fsdp=2 x tensor=2) training steps equal single-device steps
-(loss and updated parameters, fp32, two steps); gradient accumulation over 2 micro-batches equals
+(loss and updated parameters, fp32, two steps; SFT, DPO-hybrid, and the GRPO and OPSD updates); gradient accumulation over 2 micro-batches equals
 one big batch; a frozen vision tower stays bit-identical.
 
 The 8 devices need ``XLA_FLAGS`` before jax is imported, so the checks run in a subprocess
@@ -128,7 +128,58 @@ def main(out_dir: str) -> None:
         changed = {k: bool(np.any(initial[k] != final[k])) for k in initial}
         report[f"{kind}_changed"] = {"vision": [changed[k] for k in changed if "'visual'" in k],
                                      "text": [changed[k] for k in changed if "'visual'" not in k]}
+    # RL kinds: rl.num_iterations=2 updates on a fixed rollout batch (GRPO with the KL reference, OPSD with
+    # its frozen teacher), through RLTrainer.update: the algorithm's own prepare and shardings
+    rs = np.random.RandomState(1)
+    seqs = {"grpo": grpo_batch(cfg, rs), "opsd": opsd_batch(cfg, rs)}
+    for kind, options in (("grpo", "{kl_coef: 0.05}"), ("opsd", "{divergence: jsd, beta: 0.5}")):
+        extra = [f"loss.name={kind}", f"loss.kwargs={options}", "rl.num_iterations=2"]
+        compare(f"{kind}_sharded_vs_single", _update(kind, f"{out_dir}/{kind}_s", sharded + extra, seqs[kind]),
+                _update(kind, f"{out_dir}/{kind}_1", extra, seqs[kind], mesh=single))
     Path(out_dir, "report.json").write_text(json.dumps(report))
+
+
+def grpo_batch(cfg, rs) -> dict:
+    """A GRPO step batch: random rows with one image each, old log-probs and advantages."""
+    from specs_jax.training.synthetic import random_sft_batch
+
+    batch = random_sft_batch(cfg, rs, 8, 24, image_grid=(1, 4, 4))
+    return {**batch, "old_logps": -3 * rs.rand(8, 24).astype("float32"), "advantages": rs.randn(8).astype("float32")}
+
+
+def opsd_batch(cfg, rs, completion: int = 8) -> dict:
+    """An OPSD step batch (text only): student rows = prompt + completion, teacher rows = a longer
+    privileged context + the same completion columns (specs_jax.training.distill layout)."""
+    import numpy as np
+
+    from specs_jax.training.synthetic import random_sft_batch
+
+    student = random_sft_batch(cfg, rs, 8, 24)
+    tokens = student["input_ids"][:, -completion:]
+    loss_mask = np.zeros_like(student["attention_mask"])
+    loss_mask[:, -completion:] = 1
+    context = rs.randint(3, 200, (8, 32)).astype(np.int32)
+    return {"input_ids": student["input_ids"], "attention_mask": np.ones_like(loss_mask), "loss_mask": loss_mask,
+            "response_mask": np.ones((8, completion), np.int32),
+            "teacher_input_ids": np.concatenate([context, tokens], 1),
+            "teacher_attention_mask": np.ones((8, 32 + completion), np.int32)}
+
+
+def _update(kind: str, out: str, overrides: list[str], seqs: dict, mesh=None) -> tuple[list, dict, dict]:
+    """(losses, initial params, final params) of two RLTrainer.update calls on ``seqs``."""
+    from types import SimpleNamespace
+
+    from specs_jax.training.rl import RLTrainer
+    from specs_jax.training.state import join_params
+
+    processor = SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=0, eos_token_id=2))
+    trainer = RLTrainer(run_config(kind, out, overrides), kind, processor, small_model(), mesh=mesh)
+    initial = _flat(join_params(trainer.state.params, trainer.state.frozen))
+    losses = [trainer.update(seqs)["loss"] for _ in range(2)]
+    final = join_params(trainer.state.params, trainer.state.frozen)
+    q = final["model"]["language_model"]["layers"]["self_attn"]["q_proj"]["weight"]
+    trainer.close()
+    return losses, initial, {**_flat(final), "__q_spec": str(q.sharding.spec)}
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +192,7 @@ def report(tmp_path_factory) -> dict:
     return json.loads((out / "report.json").read_text())
 
 
-@pytest.mark.parametrize("kind", ["sft", "dpo"])
+@pytest.mark.parametrize("kind", ["sft", "dpo", "grpo", "opsd"])
 def test_sharded_step_equals_single_device(report, kind):
     r = report[f"{kind}_sharded_vs_single"]
     assert report["devices"] == 8

@@ -74,7 +74,6 @@ the sampling temperature, as in GRPO. Algorithm options, removed before the loss
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, NamedTuple
 
@@ -86,14 +85,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from specs_jax.data.pipeline import prompt_messages
 from specs_jax.data.tokenizer import IMAGE_TOKEN, Processor
-from specs_jax.losses import get_loss, vigos_description_end, vigos_teacher_index
+from specs_jax.losses import vigos_description_end, vigos_teacher_index
 from specs_jax.model import ModelConfig, ModelInputs, prepare_inputs
 from specs_jax.training.batches import pow2_bucket, select_images, stack_micro
 from specs_jax.training.config import RunConfig
 from specs_jax.training.grpo import ScoredRollout, rollout_sequences
 from specs_jax.training.sharding import batch_spec
 from specs_jax.training.state import model_from_params
-from specs_jax.training.steps import LossSpec, StepContext
+from specs_jax.training.steps import LossSpec, StepContext, checked_loss
 
 __all__ = [
     "ALGORITHMS_DISTILL",
@@ -237,16 +236,9 @@ class _Distill:
         if cfg.loss.name != self.kind:
             raise ValueError(f"{self.kind} trains with the {self.kind!r} loss: set config key "
                              f"'loss.name: {self.kind}' (got {cfg.loss.name!r})")
-        self.loss_fn = get_loss(self.kind)
         kwargs = dict(cfg.loss.kwargs)
         self.options = {k: kwargs.pop(k, v) for k, v in self.algo_defaults.items()}
-        params = inspect.signature(self.loss_fn).parameters
-        allowed = [k for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
-                   and k != "num_items_in_batch"]
-        unknown = [k for k in kwargs if k not in allowed]
-        if unknown:
-            raise ValueError(f"loss {self.kind!r} has no option(s) {unknown}; options: "
-                             f"{allowed + list(self.algo_defaults)}")
+        self.loss_fn = checked_loss(self.kind, kwargs, internal=("num_items_in_batch",))
         if "temperature" not in kwargs:
             kwargs["temperature"] = cfg.rl.temperature if cfg.rl.temperature > 0 else 1.0
         if isinstance(kwargs.get("weights"), list):
