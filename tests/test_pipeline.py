@@ -92,3 +92,20 @@ def test_the_configs_in_the_repo_load():
     ablation = load_pipeline_config("configs/specs_tiny_ablation.yaml")
     assert ablation.seeds == [0, 1, 2]
     assert {v["kind"] for v in ablation.variants.values()} == {"none", "sft", "dpo"}
+
+
+def test_data_pairs_cli_builds_pairs_from_two_models(run_dir, tmp_path, capsys):
+    """Stage 1 as a command (for full-size runs): the micro run's GRPO-zero and base models."""
+    from specs_jax.data.pipeline import PAIR_COLUMNS, load_rows
+
+    out = tmp_path / "pairs"
+    assert cli(["data", "pairs", "--grpo-zero", str(run_dir / "grpo_zero" / "model"),
+                "--base", str(run_dir / "base" / "model"), "--data", str(run_dir / "data" / "train.parquet"),
+                "--out", str(out), "--samples", "2", "--temperature", "0.5", "--max-new-tokens", "80",
+                "--dtype", "float32", "--system-prompt", load_pipeline_config("configs/specs_tiny.yaml").system_prompt]) == 0
+    assert "pairs from 8 prompts" in capsys.readouterr().out
+    pairs = load_rows(out / "pairs.parquet")
+    assert len(pairs) >= 1
+    for row in pairs:
+        assert (out / row[PAIR_COLUMNS.image]).is_file()
+        assert row["chosen"] != row["rejected"]

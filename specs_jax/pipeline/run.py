@@ -1,7 +1,8 @@
 """The SPECS pipeline, stage by stage, resumable: a finished stage (its ``DONE.json``) is not redone,
 an interrupted training stage resumes from its last checkpoint.
 
-Stages of one seed, in ``R = run_dir`` (ablation: ``run_dir/seed<s>``)::
+Stages of one seed, in ``R = run_dir`` (ablation: ``run_dir/seed<s>``, with the data and the base model
+made once in ``run_dir/shared`` and shared by every seed, as the paper's runs share their base model)::
 
     data        synthetic dataset: data/{train,id_test,ood_test}.parquet
     base        processor + tiny base model (SFT, mostly plain-text answers): base/model
@@ -31,9 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from specs_jax.pipeline.config import PipelineConfig, stage_config
+from specs_jax.pipeline.config import PairsConfig, PipelineConfig, stage_config
 
-__all__ = ["run_pipeline"]
+__all__ = ["Policies", "run_pipeline", "sample_pairs"]
 
 EVAL_SPLITS = ("id_test", "ood_test")
 
@@ -165,15 +166,16 @@ def _rl_stage(cfg: PipelineConfig, stage: str, seed: int, data: Path, start: Pat
     return run
 
 
-class _Policies:
+class Policies:
     """Samplers shared by every model of a run (same architecture): each shape compiles once; a
     model enters as ``weights``. ``top_probs``: the sampler also returns top-k probabilities (RBF)."""
 
-    def __init__(self, base: Path, max_new_tokens: int):
+    def __init__(self, base: Path, max_new_tokens: int, dtype: str = "float32"):
         from specs_jax.convert.io import load_model
         from specs_jax.data.tokenizer import load_processor
 
-        self.model = load_model(base, "float32")
+        self.dtype = dtype
+        self.model = load_model(base, dtype)
         self.processor = load_processor(base)
         self.max_new_tokens = max_new_tokens
         self._samplers: dict[int, Any] = {}
@@ -186,13 +188,12 @@ class _Policies:
                                                 SamplerConfig(max_new_tokens=self.max_new_tokens, top_probs=top_probs))
         return self._samplers[top_probs]
 
-    @staticmethod
-    def weights(model_dir: Path):
+    def weights(self, model_dir: Path):
         from flax import nnx
 
         from specs_jax.convert.io import load_model
 
-        return nnx.state(load_model(model_dir, "float32"))
+        return nnx.state(load_model(model_dir, self.dtype))
 
     def sample(self, model_dir: Path, rows, system_prompt: str, n: int, temperature: float, seed: int,
                top_probs: int = 0):
@@ -202,7 +203,8 @@ class _Policies:
         from specs_jax.sampling import SamplingParams
 
         sampler, weights = self.sampler(top_probs), self.weights(model_dir)
-        batches = rl_batches(rows, self.processor, DataConfig(batch_size=16, buckets=(256,), shuffle=False,
+        batches = rl_batches(rows, self.processor, DataConfig(batch_size=16, buckets=sampler.config.prompt_buckets,
+                                                              shuffle=False,
                                                               num_epochs=1, drop_remainder=False,
                                                               system_prompt=system_prompt, read_threads=1))
         texts, probs, masks, row_ids = [], [], [], []
@@ -225,38 +227,61 @@ class _Policies:
                               sampler=self.sampler())
 
 
+def _image_reference(cell: Any, row_id: Any, images: Path, image_root: str | None) -> str | None:
+    """A pair's image reference: image bytes are written to ``images/<row_id>.png`` (relative to the pairs
+    directory); a path stays a path (made absolute with ``image_root``)."""
+    cells = [] if cell is None else list(cell) if isinstance(cell, (list, tuple)) else [cell]
+    if len(cells) > 1:
+        raise ValueError(f"row {row_id}: preference pairs support one image per prompt, got {len(cells)}")
+    if not cells:
+        return None
+    cell = cells[0]
+    if isinstance(cell, dict) and cell.get("bytes") is not None:
+        (images / f"{row_id}.png").write_bytes(cell["bytes"])
+        return f"{images.name}/{row_id}.png"
+    path = Path(cell["path"] if isinstance(cell, dict) else cell)
+    return str(path if path.is_absolute() or image_root is None else (Path(image_root) / path).absolute())
+
+
+def sample_pairs(policies: Policies, grpo_zero: Path, base: Path, rows, out: Path, cfg: PairsConfig,
+                 system_prompt: str | None, seed: int, image_root: str | None = None) -> dict:
+    """Stage 1: ``cfg.samples`` responses per prompt of ``rows`` (question, image, answer) from GRPO-zero
+    and from the base model, pairs by :func:`specs_jax.data.pairs.build_pairs`, written to
+    ``out/pairs.parquet`` (images under ``out/images``); returns the pair statistics."""
+    from specs_jax.data.pairs import PairConfig, PromptSamples, build_pairs, save_pairs
+
+    rows = rows.select(range(min(cfg.prompts, len(rows)))) if cfg.prompts else rows
+    sampled = {name: policies.sample(path, rows, system_prompt, cfg.samples, cfg.temperature, seed)[:2]
+               for name, path in (("grpo_zero", grpo_zero), ("base", base))}
+    images = out / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    samples = []
+    for i, row in enumerate(rows):
+        by = {name: [t for t, r in zip(*sampled[name]) if r == i] for name in sampled}
+        samples.append(PromptSamples(prompt=row["question"], answer=str(row["answer"]), grpo_zero=by["grpo_zero"],
+                                     base=by["base"],
+                                     image=_image_reference(row.get("image"), row.get("id", i), images, image_root)))
+    dataset, summary = build_pairs(samples, PairConfig(pairs_per_prompt=cfg.pairs_per_prompt,
+                                                       base_rejected_prob=cfg.base_rejected_prob, seed=seed))
+    if len(dataset) == 0:
+        raise ValueError("GRPO-zero produced no correct, formatted response on the sampled training prompts: "
+                         "no preference pairs (train GRPO-zero longer, or sample more prompts)")
+    save_pairs(dataset, summary, out)
+    return summary
+
+
 def _pairs_stage(cfg: PipelineConfig, seed: int, data: Path, base: Path, grpo_zero: Path,
-                 policies: _Policies) -> Callable[[Path], dict]:
+                 policies: Policies) -> Callable[[Path], dict]:
     def run(out: Path) -> dict:
-        from specs_jax.data.pairs import PairConfig, PromptSamples, build_pairs, save_pairs
         from specs_jax.data.pipeline import load_rows
 
-        p = cfg.pairs
-        rows = load_rows(data / "train.parquet")
-        rows = rows.select(range(min(p.prompts, len(rows))))
-        sampled = {name: policies.sample(path, rows, cfg.system_prompt, p.samples, p.temperature, seed)[:2]
-                   for name, path in (("grpo_zero", grpo_zero), ("base", base))}
-        images = out / "images"
-        images.mkdir(exist_ok=True)
-        samples = []
-        for i, row in enumerate(rows):
-            image = f"images/{row['id']}.png"
-            (out / image).write_bytes(row["image"]["bytes"])
-            by = {name: [t for t, r in zip(*sampled[name]) if r == i] for name in sampled}
-            samples.append(PromptSamples(prompt=row["question"], answer=row["answer"], grpo_zero=by["grpo_zero"],
-                                         base=by["base"], image=image))
-        dataset, summary = build_pairs(samples, PairConfig(pairs_per_prompt=p.pairs_per_prompt,
-                                                           base_rejected_prob=p.base_rejected_prob, seed=seed))
-        if len(dataset) == 0:
-            raise ValueError("GRPO-zero produced no correct, formatted response on the sampled training prompts: "
-                             "no preference pairs (raise grpo_zero.train.steps or base.format_fraction)")
-        save_pairs(dataset, summary, out)
-        return summary
+        return sample_pairs(policies, grpo_zero, base, load_rows(data / "train.parquet"), out, cfg.pairs,
+                            cfg.system_prompt, seed)
     return run
 
 
 def _cold_start_stage(cfg: PipelineConfig, seed: int, variant: dict, pairs: Path, base: Path,
-                      eval_rows: dict, policies: _Policies) -> Callable[[Path], dict]:
+                      eval_rows: dict, policies: Policies) -> Callable[[Path], dict]:
     def run(out: Path) -> dict:
         from specs_jax.data.pipeline import PAIR_COLUMNS, Columns
         from specs_jax.data.tokenizer import load_processor
@@ -282,7 +307,7 @@ def _eval_config(cfg: PipelineConfig, **overrides):
 
 
 def _gf_curve(cfg: PipelineConfig, processor, out: Path, base: Path, eval_rows: dict, pairs_per_step: int,
-              policies: _Policies) -> dict:
+              policies: Policies) -> dict:
     """Greedy ID/OOD accuracy of the starting model and of each cold-start checkpoint; GF per point."""
     from specs_jax.metrics import gf_curve
     from specs_jax.model import load_config
@@ -312,7 +337,7 @@ def _gf_curve(cfg: PipelineConfig, processor, out: Path, base: Path, eval_rows: 
     return curve
 
 
-def _rbf(cfg: PipelineConfig, model_dir: Path, rows, seed: int, policies: _Policies) -> dict[str, float]:
+def _rbf(cfg: PipelineConfig, model_dir: Path, rows, seed: int, policies: Policies) -> dict[str, float]:
     """RBF (nucleus p = 0.95, top-32 probabilities) over the first ``n`` rollouts of the policy at the RL
     sampling temperature, for each ``n`` in ``cfg.rbf``."""
     from specs_jax.metrics import rollout_branching_factor
@@ -329,7 +354,7 @@ def _rbf(cfg: PipelineConfig, model_dir: Path, rows, seed: int, policies: _Polic
 
 
 def _eval_stage(cfg: PipelineConfig, seed: int, models: dict[str, Path], eval_rows: dict, train_rows,
-                rl_models: dict[str, Path], policies: _Policies) -> Callable[[Path], dict]:
+                rl_models: dict[str, Path], policies: Policies) -> Callable[[Path], dict]:
     def run(out: Path) -> dict:
         results = {}
         for name, path in models.items():
@@ -357,19 +382,27 @@ def _eval_rows(cfg: PipelineConfig, data: Path) -> dict:
     return rows
 
 
-def run_seed(cfg: PipelineConfig, root: Path, seed: int) -> dict:
-    """All stages of one seed under ``root``; returns the stage summaries."""
+def _timings(root: Path) -> dict:
+    return json.loads((root / "timings.json").read_text()) if (root / "timings.json").is_file() else {}
+
+
+def prepare_shared(cfg: PipelineConfig, root: Path) -> tuple[Path, Path]:
+    """The data and base model stages under ``root`` (seeded by ``cfg.seed``); returns their directories."""
+    timings = _timings(root)
+    _stage(root, "data", _data_stage(cfg, cfg.seed), timings)
+    _stage(root, "base", _base_stage(cfg, cfg.seed, root / "data"), timings)
+    return root / "data", root / "base" / "model"
+
+
+def run_seed(cfg: PipelineConfig, root: Path, seed: int, data: Path, base: Path) -> dict:
+    """The stages after the base model, for one seed, under ``root``; returns the eval summary."""
     from specs_jax.data.pipeline import load_rows
 
-    timings = json.loads((root / "timings.json").read_text()) if (root / "timings.json").is_file() else {}
-    data = root / "data"
-    _stage(root, "data", _data_stage(cfg, seed), timings)
+    timings = _timings(root)
     eval_rows = _eval_rows(cfg, data)
-    _stage(root, "base", _base_stage(cfg, seed, data), timings)
-    base = root / "base" / "model"
     _stage(root, "grpo_zero", _rl_stage(cfg, "grpo_zero", seed, data, base), timings)
     grpo_zero = root / "grpo_zero" / "model"
-    policies = _Policies(base, _eval_config(cfg).max_new_tokens)
+    policies = Policies(base, _eval_config(cfg).max_new_tokens)
     variants = cfg.variants
     needs_pairs = any(v.get("kind", "dpo") != "none" for v in variants.values())
     if needs_pairs:
@@ -399,11 +432,13 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     _write_json(run_dir / "config.json", dataclasses.asdict(cfg))
     if not cfg.ablation.seeds and not cfg.ablation.variants:
-        run_seed(cfg, run_dir, cfg.seed)
+        run_seed(cfg, run_dir, cfg.seed, *prepare_shared(cfg, run_dir))
         return report.write_report(run_dir)
+    # as in the paper, every seed starts from the same base model and data; the seed drives the rest
+    data, base = prepare_shared(cfg, run_dir / "shared")
     for seed in cfg.seeds:
         root = run_dir / f"seed{seed}"
         root.mkdir(exist_ok=True)
         _write_json(root / "config.json", dataclasses.asdict(cfg))
-        run_seed(cfg, root, seed)
+        run_seed(cfg, root, seed, data, base)
     return report.write_ablation_report(run_dir, cfg.seeds, list(cfg.variants))
