@@ -102,6 +102,14 @@ def test_rl_batches_skip_and_count_bad_rows(processor, model_cfg, image_folder):
         assert inputs.input_ids.shape == ids.shape
 
 
+def test_a_pass_without_any_usable_row_is_an_error_not_a_hang(processor, image_folder):
+    """Endless epochs (num_epochs=None) over rows that are all too long must stop with the reason."""
+    root, _ = image_folder
+    it = rl_batches(load_rows(root / "metadata.jsonl"), processor, _config(root, buckets=(8,), num_epochs=None))
+    with pytest.raises(ValueError, match="no usable row in a whole pass over the 15 rows.*too_long"):
+        next(it)
+
+
 def test_buckets_are_the_smallest_fitting_length(processor, model_cfg, image_folder):
     from specs_jax.model import prepare_inputs
 

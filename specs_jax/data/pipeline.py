@@ -330,12 +330,14 @@ class BatchIterator(grain.DatasetIterator):
     """
 
     def __init__(self, parent: grain.DatasetIterator, batch_size: int, drop_remainder: bool,
-                 collate_fn: Callable[[list[dict[str, Any]]], dict[str, Any]]):
+                 collate_fn: Callable[[list[dict[str, Any]]], dict[str, Any]], n_rows: int):
         super().__init__(parent)
         self._batch_size = batch_size
         self._drop_remainder = drop_remainder
         self._collate = collate_fn
+        self._n_rows = n_rows  # rows of one pass (this shard): that many skips in a row means none is usable
         self._skipped: Counter = Counter()
+        self._skip_run = 0
 
     @property
     def skipped(self) -> dict[str, int]:
@@ -353,7 +355,12 @@ class BatchIterator(grain.DatasetIterator):
                 raise
             if isinstance(item, Skipped):
                 self._skipped[item.reason] += 1
+                self._skip_run += 1
+                if self._skip_run >= self._n_rows:
+                    raise ValueError(f"no usable row in a whole pass over the {self._n_rows} rows: every row was "
+                                     f"skipped (so far {dict(self._skipped)}; too_long: raise the length buckets)")
             else:
+                self._skip_run = 0
                 rows.append(item)
         return self._collate(rows)
 
@@ -367,9 +374,9 @@ class BatchIterator(grain.DatasetIterator):
 
 class _Batch(grain.IterDataset):
     def __init__(self, parent: grain.IterDataset, batch_size: int, drop_remainder: bool,
-                 collate_fn: Callable[[list[dict[str, Any]]], dict[str, Any]]):
+                 collate_fn: Callable[[list[dict[str, Any]]], dict[str, Any]], n_rows: int):
         super().__init__(parent)
-        self._args = (batch_size, drop_remainder, collate_fn)
+        self._args = (batch_size, drop_remainder, collate_fn, n_rows)
 
     def __iter__(self) -> BatchIterator:
         return BatchIterator(self._parent.__iter__(), *self._args)
@@ -405,13 +412,14 @@ def batches(rows: datasets.Dataset, processor: Processor, config: DataConfig, mo
     n_rows = len(rows)  # indices of later epochs run past the source length: reduce them to row ids
     ds = grain.MapDataset.source(rows).map_with_index(lambda i, row: (i % n_rows, row))
     ds = ds[config.shard_index::config.shard_count]
+    n_shard = len(ds)
     if config.shuffle:
         ds = ds.shuffle(seed=config.seed)
     ds = ds.repeat(config.num_epochs)
     ds = ds.map(lambda item: process(*item))
     options = grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.prefetch)
     batched = _Batch(ds.to_iter_dataset(options), config.batch_size, config.drop_remainder,
-                     lambda items: collate(items, mode, config.buckets, pad_id))
+                     lambda items: collate(items, mode, config.buckets, pad_id), n_shard)
     return iter(batched)
 
 

@@ -137,9 +137,9 @@ def _base_stage(cfg: PipelineConfig, seed: int, data: Path) -> Callable[[Path], 
         base = BaseModelConfig(**cfg.base)
         rows = load_rows(data / "train.parquet")
         targets, formatted = sft_rows(rows["solution"], base.format_fraction, seed)
-        # the system prompt opens every prompt: repeated so the BPE learns it as a few tokens
+        # the system prompt and the chat roles open every prompt: repeated so the BPE learns them as few tokens
         corpus = [*rows["question"], *rows["solution"], *map(formatted_response, rows["solution"][:64]),
-                  *[cfg.system_prompt] * 64]
+                  *[f"system\n{cfg.system_prompt}\nuser\nassistant\n"] * 64]
         processor = build_processor(corpus, ProcessorConfig(vocab_size=base.vocab_size))
         hf = load_preset("tiny").hf_config
         arch = dict(base.architecture)
