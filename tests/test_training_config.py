@@ -140,8 +140,10 @@ def test_micro_batches_carry_their_rows_images():
     cfg = small_model_config()
     batch = random_sft_batch(cfg, np.random.RandomState(0), 4, 24, image_grid=(1, 4, 4))
     stacked = prepare_sft(cfg, batch, 2)
-    assert stacked.labels.shape == (2, 2, 24) and stacked.inputs.vision.pixel_values.shape == (2, 32, 1176)
-    np.testing.assert_array_equal(stacked.inputs.vision.pixel_values[1], batch["pixel_values"][32:])
+    # 32 patches per micro-batch, padded to the power-of-two bucket 64 by a dummy image (grid 1 x 2 x 16)
+    assert stacked.labels.shape == (2, 2, 24) and stacked.inputs.vision.pixel_values.shape == (2, 64, 1176)
+    np.testing.assert_array_equal(stacked.inputs.vision.pixel_values[1, :32], batch["pixel_values"][32:])
+    assert not stacked.inputs.vision.pixel_values[:, 32:].any()
     np.testing.assert_array_equal(stacked.labels[1, :, :-1], batch["input_ids"][2:, 1:])
     expected_mask = batch["loss_mask"][2:, 1:] * batch["attention_mask"][2:, 1:]
     np.testing.assert_array_equal(stacked.mask[1, :, :-1], expected_mask)

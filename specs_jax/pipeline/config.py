@@ -27,9 +27,9 @@ from typing import Any
 from specs_jax.training.config import (
     ConfigError,
     RunConfig,
-    _build,
-    _deep_merge,
-    _read_yaml,
+    build_dataclass,
+    deep_merge,
+    read_yaml,
     from_dict,
 )
 
@@ -105,7 +105,7 @@ class PipelineConfig:
         """Cold-start variants: name -> ``cold_start`` section (``{"specs": cold_start}`` without ablation)."""
         if not self.ablation.variants:
             return {"specs": self.cold_start}
-        return {k: _deep_merge(self.cold_start, v) for k, v in self.ablation.variants.items()}
+        return {k: deep_merge(self.cold_start, v) for k, v in self.ablation.variants.items()}
 
 
 def stage_config(cfg: PipelineConfig, stage: str, variant: dict | None = None, **paths: Any) -> RunConfig:
@@ -114,10 +114,10 @@ def stage_config(cfg: PipelineConfig, stage: str, variant: dict | None = None, *
     ``variant``), then the pipeline's ``paths`` (``section__key=value``)."""
     section = copy.deepcopy(cfg.base.get("train", {}) if stage == "base" else getattr(cfg, stage))
     if variant is not None:
-        section = _deep_merge(section, variant)
+        section = deep_merge(section, variant)
     if section.pop("kind", None) == "sft":
         section.pop("loss", None)  # SFT is token-mean NLL: the DPO loss options do not apply
-    d = _deep_merge(copy.deepcopy(cfg.common), section)
+    d = deep_merge(copy.deepcopy(cfg.common), section)
     for key, value in paths.items():
         node = d
         *parents, leaf = key.split("__")
@@ -134,7 +134,7 @@ def load_pipeline_config(path: str | Path, overrides: list[str] | None = None) -
     """Read a pipeline YAML (following ``base_config``), apply dotted ``key=value`` overrides, check it."""
     import yaml
 
-    d = _read_yaml(Path(path))
+    d = read_yaml(Path(path))
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -146,4 +146,4 @@ def load_pipeline_config(path: str | Path, overrides: list[str] | None = None) -
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {p!r} is not a section")
         node[leaf] = yaml.safe_load(value)
-    return _build(PipelineConfig, d, "")
+    return build_dataclass(PipelineConfig, d, "")

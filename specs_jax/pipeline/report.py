@@ -33,6 +33,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from specs_jax.training.config import deep_merge
+
 import numpy as np
 
 __all__ = [
@@ -360,13 +362,6 @@ def _grouped_bars(ax, groups: Sequence[str], bars: Sequence[str], values: np.nda
 # ---------------------------------------------------------------------------------- config summary
 
 
-def _deep_merge(a: Mapping, b: Mapping) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
-    return out
-
-
 def _compact(x: Any) -> str:
     return json.dumps(x, separators=(", ", ": "), default=str)
 
@@ -380,7 +375,7 @@ def _config_lines(cfg: Mapping | None) -> list[str]:
         section = (cfg.get("base") or {}).get("train", {}) if stage == "base" else cfg.get(stage)
         if section is None:
             continue
-        merged = _deep_merge(common, section or {})
+        merged = deep_merge(common, section or {})
         train, optim, loss, rl = (merged.get(k) or {} for k in ("train", "optim", "loss", "rl"))
         extra = []
         if stage == "cold_start":

@@ -320,7 +320,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise TypeError(f"config field {key!r} has unsupported type {tp}")
 
 
-def _build(cls: type, d: dict, prefix: str) -> Any:
+def build_dataclass(cls: type, d: dict, prefix: str = "") -> Any:
+    """``cls(**d)`` for a (nested) config dataclass, every key and type checked (``ConfigError`` naming
+    ``prefix + key`` otherwise)."""
     if not isinstance(d, dict):
         raise ConfigError(f"config key {prefix[:-1]!r} must be a mapping, got {d!r}")
     hints = typing.get_type_hints(cls)
@@ -331,27 +333,28 @@ def _build(cls: type, d: dict, prefix: str) -> Any:
     kwargs = {}
     for k, v in d.items():
         tp = hints[k]
-        kwargs[k] = _build(tp, v, f"{prefix}{k}.") if dataclasses.is_dataclass(tp) else _coerce(f"{prefix}{k}", v, tp)
+        kwargs[k] = (build_dataclass(tp, v, f"{prefix}{k}.") if dataclasses.is_dataclass(tp)
+                     else _coerce(f"{prefix}{k}", v, tp))
     return cls(**kwargs)
 
 
 def from_dict(d: dict) -> RunConfig:
     """A :class:`RunConfig` from a nested dict (missing keys take the defaults)."""
-    return _build(RunConfig, d, "")
+    return build_dataclass(RunConfig, d, "")
 
 
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def _deep_merge(base: dict, update: dict) -> dict:
+def deep_merge(base: dict, update: dict) -> dict:
     out = dict(base)
     for k, v in update.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"no config file at {path}")
     data = yaml.safe_load(path.read_text()) or {}
@@ -360,7 +363,7 @@ def _read_yaml(path: Path) -> dict:
     base = data.pop("base_config", None)
     if base is None:
         return data
-    return _deep_merge(_read_yaml(path.parent / base), data)
+    return deep_merge(read_yaml(path.parent / base), data)
 
 
 def _parse_free(value: str) -> Any:
@@ -379,7 +382,7 @@ FREE_DICTS = ("loss.kwargs", "mesh.rules", "eval.splits", "data.columns")  # dic
 
 def apply_overrides(d: dict, overrides: list[str]) -> dict:
     """Apply ``key=value`` strings (dotted keys) to a nested dict; unknown keys are refused."""
-    d = _deep_merge({}, d)
+    d = deep_merge({}, d)
     known = set(_all_keys(RunConfig))
     for item in overrides:
         key, sep, value = item.partition("=")
@@ -397,5 +400,5 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Read a stage YAML (following its ``base_config`` chain), apply overrides, check everything."""
-    d = _read_yaml(Path(path)) if path is not None else {}
+    d = read_yaml(Path(path)) if path is not None else {}
     return from_dict(apply_overrides(d, list(overrides or [])))
