@@ -352,6 +352,28 @@ def test_vigos_spec_equals_a_direct_three_teacher_computation(processor, model, 
     np.testing.assert_allclose(metrics["tokens/reference"], invalid_tokens / mask.sum(), rtol=1e-6)
 
 
+@pytest.mark.parametrize("kind", ["opsd", "vigos"])
+def test_extra_forwards_counts_the_frozen_model_forwards_of_the_loss(kind, processor, model, monkeypatch):
+    """``extra_forwards`` (the MFU's FLOP count) is the number of frozen-model forwards in a micro-batch's loss."""
+    import specs_jax.training.distill as distill
+
+    graphdef = nnx.graphdef(model)
+    if kind == "opsd":
+        algo = OPSD(run_config("opsd"), graphdef, model.config, processor)
+        prompts = prompt_batch(processor)
+        seqs = algo.sequences(prompts, fake_rollout(processor, prompts, [VALID_0, INVALID_0, VALID_1, INVALID_1]))
+    else:
+        algo, _, _, seqs = vigos_setup(processor, model)
+    prepared = algo.prepare(seqs, 1)
+    spec = algo.spec()
+    calls = []
+    real = distill.response_logits
+    monkeypatch.setattr(distill, "response_logits", lambda m, inputs, length: calls.append(m) or real(m, inputs, length))
+    micro = next(iter(micro_batches(prepared)))
+    spec.micro_loss(model, micro, StepContext(spec.totals(prepared), params_of(model), jax.random.key(0)))
+    assert len(calls) == 1 + algo.extra_forwards == (2 if kind == "opsd" else 4)
+
+
 # ---------------------------------------------------------------------------------------- configs
 
 @pytest.mark.parametrize("name", ["opsd_tiny", "vigos_tiny", "opsd_7b", "vigos_7b"])

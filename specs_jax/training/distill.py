@@ -229,6 +229,7 @@ class _Distill:
     reference = True
     system_prompt: str | None = None
     teacher_names: tuple[str, ...] = ()
+    extra_forwards = 1  # the privileged teacher
     algo_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, cfg: RunConfig, graphdef: nnx.GraphDef, model_cfg: ModelConfig, processor: Processor):
@@ -429,6 +430,7 @@ class ViGOS(_Distill):
 
     kind = "vigos"
     teacher_names = ("reasoning", "reference")
+    extra_forwards = 3  # perception (the student's own context), reasoning and reference teachers
     algo_defaults: ClassVar[dict[str, Any]] = {"privileged": "answer", "header": None, "transition": DEFAULT_TRANSITION,
                      "answer_block": False, "system_prompt": None, "format_demo": None}
 

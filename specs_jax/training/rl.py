@@ -52,6 +52,7 @@ class RLAlgorithm(Protocol):
 
     reference: bool  # the step gets a frozen copy of the starting parameters as ``extra``
     system_prompt: str | None  # system message of the prompts (None: ``data.system_prompt``)
+    extra_forwards: int  # forward passes of the frozen model per update (reference or teachers), for MFU
 
     def spec(self) -> LossSpec: ...
 
@@ -73,6 +74,7 @@ class GRPO:
         self.cfg, self.graphdef, self.model_cfg = cfg, graphdef, model_cfg
         self.loss_kwargs = dict(cfg.loss.kwargs)
         self.reference = self.loss_kwargs.get("kl_coef", 0.01) > 0
+        self.extra_forwards = int(self.reference)
 
     def spec(self) -> LossSpec:
         return grpo_spec(self.graphdef, self.cfg.rl.temperature, **self.loss_kwargs)
@@ -166,9 +168,9 @@ class RLTrainer(Trainer):
         return self._algorithm
 
     def flops_factor(self) -> int:
-        """Per token: the sampler's forward (2), each update's forward + backward (6), each update's
-        extra forward of the reference/teacher (2)."""
-        return 2 + self.updates_per_step * (6 + (2 if self.extra is not None else 0))
+        """Per token: the sampler's forward (2), each update's forward + backward (6) and forwards of the
+        frozen reference or teachers (2 each; ViGOS runs three teachers)."""
+        return 2 + self.updates_per_step * (6 + 2 * self.algorithm.extra_forwards)
 
     @property
     def system_prompt(self) -> str | None:
