@@ -3,8 +3,9 @@
 images and with the same questions on blank (white) images of the same size.
 
 Equal accuracy means the answers come from the question text alone (the answer prior), so RL and
-the cold start have no visual skill to sharpen. The script also prints how far the base model's
-next-token distribution after the prompt moves when the real image is swapped for a blank one.
+the cold start have no visual skill to sharpen. The script also prints the base model's
+teacher-forced NLL of the reference solutions (which describe the image) with the real and with
+the blank images: a model that reads its images finds the real description likelier.
 
     python scripts/diagnose_image_use.py runs/specs_tiny                      # base and final models
     python scripts/diagnose_image_use.py runs/specs_tiny --models base grpo_zero cold_start grpo_final
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="stage directories under run_dir whose model/ to evaluate (default: base grpo_final)")
     args = p.parse_args(argv)
 
-    from specs_jax.data.pipeline import DataConfig, rl_batches
+    from specs_jax.data.pipeline import DataConfig, sft_batches
     from specs_jax.pipeline.config import load_pipeline_config
     from specs_jax.pipeline.run import Policies, _eval_config, _eval_rows
 
@@ -57,21 +58,30 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {name:12} " + ", ".join(f"{split} {acc['real'][split]['accuracy']:.3f} / "
                                           f"{acc['blank'][split]['accuracy']:.3f}" for split in rows))
 
-    import jax
+    import jax.numpy as jnp
 
-    model, split = policies.model, next(iter(rows))
-    data = DataConfig(batch_size=16, buckets=(cfg.grpo_zero["train"]["max_length"],), shuffle=False, num_epochs=1,
-                      system_prompt=cfg.system_prompt, read_threads=1)
-    real, white = (next(iter(rl_batches(r, policies.processor, data))) for r in (rows[split], blank[split]))
+    from specs_jax.losses import token_logps
+    from specs_jax.pipeline.base_model import plain_response
 
-    def next_token_probs(batch: dict) -> np.ndarray:
-        out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_grid_thw"])
-        return np.asarray(jax.nn.softmax(getattr(out, "logits", out)[:, -1], -1))
+    split = next(iter(rows))
+    data = DataConfig(batch_size=len(rows[split]), buckets=(cfg.base["train"]["train"]["max_length"],), shuffle=False,
+                      num_epochs=1, drop_remainder=False, system_prompt=cfg.system_prompt, read_threads=1)
 
-    tv = 0.5 * np.abs(next_token_probs(real) - next_token_probs(white)).sum(-1)
-    print(f"base model, {split}: total-variation distance of the next-token distribution after the prompt, "
-          f"real vs blank image: mean {tv.mean():.4f}, max {tv.max():.4f} over {len(tv)} prompts")
+    def solution_nll(r) -> np.ndarray:
+        """Per-row mean NLL of the reference solutions (the base model's plain-text SFT targets)."""
+        r = r.add_column("response", [plain_response(x) for x in r["solution"]])
+        batch = next(iter(sft_batches(r, policies.processor, data)))
+        out = policies.model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                             batch["image_grid_thw"])
+        logits = getattr(out, "logits", out)[:, :-1]
+        logp = np.asarray(token_logps(logits, jnp.asarray(batch["input_ids"][:, 1:])))
+        mask = (batch["loss_mask"] * batch["attention_mask"])[:, 1:]
+        return -(logp * mask).sum(1) / mask.sum(1)
 
+    real_nll, blank_nll = solution_nll(rows[split]), solution_nll(blank[split])
+    print(f"base model, {split}: mean NLL per token of the reference solutions (teacher-forced) with the real "
+          f"images {real_nll.mean():.4f}, with blank images {blank_nll.mean():.4f}; lower with the real image "
+          f"on {(real_nll < blank_nll).mean():.0%} of {len(real_nll)} rows")
 
 if __name__ == "__main__":
     main()
