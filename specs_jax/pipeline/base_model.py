@@ -30,7 +30,7 @@ class BaseModelConfig:
 
     architecture: dict = dataclasses.field(default_factory=dict)
     vocab_size: int = 1024
-    format_fraction: float = 0.1
+    format_fraction: float = 0.3
     train: dict = dataclasses.field(default_factory=dict)  # run-config overrides of the SFT (train, optim, ...)
 
 
