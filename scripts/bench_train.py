@@ -38,7 +38,7 @@ reference), ``N`` = decoder + LM-head matmul parameters, over the bf16 peak of t
 
 Examples::
 
-    python scripts/bench_train.py                                    # tiny and 100m, ~10 min on 2 CPU cores
+    python scripts/bench_train.py                                    # tiny and 100m, ~4 min on 2 CPU cores
     python scripts/bench_train.py --configs tiny --steps 10
     python scripts/bench_train.py --configs 100m --batch 1 --skip-torch
     python scripts/bench_train.py --configs 1b                       # on a GPU/TPU: adds MFU lines
