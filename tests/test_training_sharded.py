@@ -1,5 +1,6 @@
 """Sharded (8-device CPU mesh data=2 x fsdp=2 x tensor=2) training steps equal single-device steps
-(loss and updated parameters, fp32, two steps; SFT, DPO-hybrid, and the GRPO and OPSD updates); gradient accumulation over 2 micro-batches equals
+(loss and updated parameters, fp32, two steps; SFT, DPO-hybrid, and the GRPO, OPSD and ViGOS updates);
+gradient accumulation over 2 micro-batches equals
 one big batch; a frozen vision tower stays bit-identical.
 
 The 8 devices need ``XLA_FLAGS`` before jax is imported, so the checks run in a subprocess
@@ -128,11 +129,12 @@ def main(out_dir: str) -> None:
         changed = {k: bool(np.any(initial[k] != final[k])) for k in initial}
         report[f"{kind}_changed"] = {"vision": [changed[k] for k in changed if "'visual'" in k],
                                      "text": [changed[k] for k in changed if "'visual'" not in k]}
-    # RL kinds: rl.num_iterations=2 updates on a fixed rollout batch (GRPO with the KL reference, OPSD with
-    # its frozen teacher), through RLTrainer.update: the algorithm's own prepare and shardings
+    # RL kinds: rl.num_iterations=2 updates on a fixed rollout batch (GRPO with the KL reference, OPSD and
+    # ViGOS with their frozen teachers), through RLTrainer.update: the algorithm's own prepare and shardings
     rs = np.random.RandomState(1)
-    seqs = {"grpo": grpo_batch(cfg, rs), "opsd": opsd_batch(cfg, rs)}
-    for kind, options in (("grpo", "{kl_coef: 0.05}"), ("opsd", "{divergence: jsd, beta: 0.5}")):
+    seqs = {"grpo": grpo_batch(cfg, rs), "opsd": opsd_batch(cfg, rs), "vigos": vigos_batch(cfg, rs)}
+    for kind, options in (("grpo", "{kl_coef: 0.05}"), ("opsd", "{divergence: jsd, beta: 0.5}"),
+                          ("vigos", "{token_clip: 1.0}")):
         extra = [f"loss.name={kind}", f"loss.kwargs={options}", "rl.num_iterations=2"]
         compare(f"{kind}_sharded_vs_single", _update(kind, f"{out_dir}/{kind}_s", sharded + extra, seqs[kind]),
                 _update(kind, f"{out_dir}/{kind}_1", extra, seqs[kind], mesh=single))
@@ -165,6 +167,20 @@ def opsd_batch(cfg, rs, completion: int = 8) -> dict:
             "teacher_attention_mask": np.ones((8, 32 + completion), np.int32)}
 
 
+def vigos_batch(cfg, rs, completion: int = 8) -> dict:
+    """A ViGOS step batch: the OPSD layout with two teacher contexts (reasoning, reference) and a
+    per-token routing ``teacher_index`` (0 perception, 1 reasoning, 2 reference)."""
+    import numpy as np
+
+    batch = opsd_batch(cfg, rs, completion)
+    reasoning_ids, reasoning_mask = batch.pop("teacher_input_ids"), batch.pop("teacher_attention_mask")
+    reference = rs.randint(3, 200, (8, 16)).astype(np.int32)
+    return {**batch, "reasoning_input_ids": reasoning_ids, "reasoning_attention_mask": reasoning_mask,
+            "reference_input_ids": np.concatenate([reference, reasoning_ids[:, -completion:]], 1),
+            "reference_attention_mask": np.ones((8, 16 + completion), np.int32),
+            "teacher_index": rs.randint(0, 3, (8, completion)).astype(np.int32)}
+
+
 def _update(kind: str, out: str, overrides: list[str], seqs: dict, mesh=None) -> tuple[list, dict, dict]:
     """(losses, initial params, final params) of two RLTrainer.update calls on ``seqs``."""
     from types import SimpleNamespace
@@ -192,7 +208,7 @@ def report(tmp_path_factory) -> dict:
     return json.loads((out / "report.json").read_text())
 
 
-@pytest.mark.parametrize("kind", ["sft", "dpo", "grpo", "opsd"])
+@pytest.mark.parametrize("kind", ["sft", "dpo", "grpo", "opsd", "vigos"])
 def test_sharded_step_equals_single_device(report, kind):
     r = report[f"{kind}_sharded_vs_single"]
     assert report["devices"] == 8
