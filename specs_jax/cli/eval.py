@@ -4,9 +4,6 @@ on the prompt splits of ``eval.splits``."""
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,20 +44,6 @@ def format_table(splits: Mapping[str, Mapping[str, Any]], ks: Sequence[int]) -> 
     return "\n".join(lines)
 
 
-def write_json_atomic(data: Any, path: Path) -> None:
-    """Write ``data`` as JSON to a temporary file beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def run(args: argparse.Namespace) -> int:
     from specs_jax.convert.io import load_model
     from specs_jax.data.pipeline import DataConfig as PipelineConfig
@@ -68,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from specs_jax.data.tokenizer import load_processor
     from specs_jax.evaluation import evaluate_model
     from specs_jax.training.config import load_config, to_dict
+    from specs_jax.training.logging import write_json_atomic
 
     cfg = load_config(args.config[0], args.config[1:])
     if not cfg.eval.splits:
@@ -89,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
                              pipeline=PipelineConfig(image_root=cfg.data.image_root))
     print(format_table(results["splits"], cfg.eval.ks))
     out = Path(args.out) if args.out else Path(cfg.train.output_dir) / "eval.json"
-    write_json_atomic({"model": str(model_path), "processor": str(processor_path), "seed": cfg.train.seed,
-                       "eval": to_dict(cfg.eval), **results}, out)
+    write_json_atomic(out, {"model": str(model_path), "processor": str(processor_path), "seed": cfg.train.seed,
+                            "eval": to_dict(cfg.eval), **results})
     print(f"wrote {out}")
     return 0

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from specs_jax.training.trainer import KINDS
-
-RL_KINDS = ("grpo", "opsd", "vigos")  # == specs_jax.training.rl.RL_KINDS (a test checks), without its imports
+from specs_jax.training.trainer import KINDS, RL_KINDS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

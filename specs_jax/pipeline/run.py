@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -33,19 +32,11 @@ from typing import Any
 import numpy as np
 
 from specs_jax.pipeline.config import PairsConfig, PipelineConfig, stage_config
+from specs_jax.training.logging import write_json_atomic
 
 __all__ = ["Policies", "run_pipeline", "sample_pairs"]
 
 EVAL_SPLITS = ("id_test", "ood_test")
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    """Atomic JSON write (tmp file + rename): a kill never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def _stage(root: Path, name: str, fn: Callable[[Path], dict], timings: dict) -> dict:
@@ -60,8 +51,8 @@ def _stage(root: Path, name: str, fn: Callable[[Path], dict], timings: dict) -> 
     out.mkdir(parents=True, exist_ok=True)
     summary = fn(out)
     timings[name] = time.perf_counter() - t0
-    _write_json(root / "timings.json", timings)
-    _write_json(done, summary)
+    write_json_atomic(root / "timings.json", timings)
+    write_json_atomic(done, summary)
     return summary
 
 
@@ -333,7 +324,7 @@ def _gf_curve(cfg: PipelineConfig, processor, out: Path, base: Path, eval_rows: 
     acc_id, acc_ood = [a for a, _ in accs], [o for _, o in accs]
     curve = {"samples_seen": seen, "acc_id": acc_id, "acc_ood": acc_ood,
              "gf": [float(g) for g in gf_curve(seen, acc_id, acc_ood)]}
-    _write_json(out / "gf.json", curve)
+    write_json_atomic(out / "gf.json", curve)
     return curve
 
 
@@ -360,10 +351,10 @@ def _eval_stage(cfg: PipelineConfig, seed: int, models: dict[str, Path], eval_ro
         for name, path in models.items():
             target = out / f"{name}.json"
             if not target.is_file():
-                _write_json(target, policies.evaluate(path, eval_rows, _eval_config(cfg), cfg.system_prompt, seed))
+                write_json_atomic(target, policies.evaluate(path, eval_rows, _eval_config(cfg), cfg.system_prompt, seed))
             results[name] = json.loads(target.read_text())["splits"]
         rbf = {name: _rbf(cfg, path, train_rows, seed, policies) for name, path in rl_models.items()}
-        _write_json(out / "rbf.json", rbf)
+        write_json_atomic(out / "rbf.json", rbf)
         return {"models": results, "rbf": rbf}
     return run
 
@@ -430,7 +421,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
 
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(run_dir / "config.json", dataclasses.asdict(cfg))
+    write_json_atomic(run_dir / "config.json", dataclasses.asdict(cfg))
     if not cfg.ablation.seeds and not cfg.ablation.variants:
         run_seed(cfg, run_dir, cfg.seed, *prepare_shared(cfg, run_dir))
         return report.write_report(run_dir)
@@ -439,6 +430,6 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     for seed in cfg.seeds:
         root = run_dir / f"seed{seed}"
         root.mkdir(exist_ok=True)
-        _write_json(root / "config.json", dataclasses.asdict(cfg))
+        write_json_atomic(root / "config.json", dataclasses.asdict(cfg))
         run_seed(cfg, root, seed, data, base)
     return report.write_ablation_report(run_dir, cfg.seeds, list(cfg.variants))

@@ -12,12 +12,30 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import jax
 
-__all__ = ["PEAK_FLOPS", "MetricLogger", "NonFiniteLossError", "check_finite", "peak_flops_per_device"]
+__all__ = ["PEAK_FLOPS", "MetricLogger", "NonFiniteLossError", "check_finite", "peak_flops_per_device",
+           "write_json_atomic"]
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as JSON to a temporary file beside ``path``, then rename it into place: a kill
+    never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 # Dense bf16 peak FLOP/s per device (per chip for TPUs), from the vendors' data sheets.
 PEAK_FLOPS: dict[str, float] = {

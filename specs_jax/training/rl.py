@@ -39,12 +39,10 @@ from specs_jax.training.grpo import ScoredRollout, grpo_spec, rollout, rollout_s
 from specs_jax.training.logging import check_finite
 from specs_jax.training.state import join_params
 from specs_jax.training.steps import LossSpec, batch_shardings
-from specs_jax.training.trainer import Trainer
+from specs_jax.training.trainer import RL_KINDS, Trainer
 
 __all__ = ["GRPO", "RL_KINDS", "RLAlgorithm", "RLTrainer", "accuracy_filter_mask", "algorithm_class",
            "rollout_seed"]
-
-RL_KINDS = ("grpo", "opsd", "vigos")
 
 
 class RLAlgorithm(Protocol):

@@ -42,9 +42,10 @@ from specs_jax.training.steps import (
     sft_spec,
 )
 
-__all__ = ["KINDS", "Trainer", "build_model"]
+__all__ = ["KINDS", "RL_KINDS", "Trainer", "build_model"]
 
-KINDS = ("sft", "dpo")
+KINDS = ("sft", "dpo")  # supervised kinds: this Trainer
+RL_KINDS = ("grpo", "opsd", "vigos")  # rollout kinds: specs_jax.training.rl.RLTrainer
 
 
 def build_model(cfg: RunConfig) -> Qwen2_5_VLForConditionalGeneration:
