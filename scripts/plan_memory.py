@@ -271,7 +271,8 @@ def make_plan(args, mesh_sizes: dict[str, int]) -> dict:
     from flax import nnx
 
     from specs_jax.model import Qwen2_5_VLForConditionalGeneration, load_preset
-    from specs_jax.training.config import OptimConfig
+    from specs_jax.training.algorithm import get_algorithm
+    from specs_jax.training.config import OptimConfig, RunConfig
     from specs_jax.training.sharding import make_mesh, make_rules
     from specs_jax.training.state import (
         TrainState,
@@ -281,12 +282,7 @@ def make_plan(args, mesh_sizes: dict[str, int]) -> dict:
         split_frozen,
         state_shardings,
     )
-    from specs_jax.training.steps import (
-        batch_shardings,
-        dpo_spec,
-        make_train_step,
-        sft_spec,
-    )
+    from specs_jax.training.steps import batch_shardings, make_train_step
 
     t0 = time.perf_counter()
     cfg = load_preset(args.preset, dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat)
@@ -314,20 +310,16 @@ def make_plan(args, mesh_sizes: dict[str, int]) -> dict:
     batch_sh = batch_shardings(batch, mesh)
     batch = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), batch, batch_sh)
 
-    uses_reference = args.stage == "dpo" or (args.stage == "grpo" and args.kl_coef > 0)
+    run_cfg = RunConfig()
+    if args.stage == "grpo":
+        run_cfg.loss.kwargs = {"kl_coef": args.kl_coef}
+    algorithm = get_algorithm(args.stage)(run_cfg, graphdef, cfg)
     extra = extra_sh = None
-    if uses_reference:
+    if algorithm.reference:
         extra_sh = join_params(shardings.params, shardings.frozen)
         extra = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                              join_params(trained, frozen), extra_sh)
-    if args.stage == "sft":
-        spec = sft_spec()
-    elif args.stage == "dpo":
-        spec = dpo_spec(graphdef)
-    else:
-        from specs_jax.training.grpo import grpo_spec
-
-        spec = grpo_spec(graphdef, kl_coef=args.kl_coef)
+    spec = algorithm.spec()
     step = make_train_step(graphdef, spec, tx, schedule, shardings, batch_sh, extra_sh)
     t_build = time.perf_counter() - t0
 

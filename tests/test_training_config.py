@@ -68,10 +68,19 @@ def test_bad_yaml_key_and_type_are_refused(tmp_path):
 
 
 def test_unknown_loss_option_is_refused():
-    from specs_jax.training.steps import dpo_spec
+    from specs_jax.training.algorithm import get_algorithm, resolve_loss
 
     with pytest.raises(ValueError, match=r"no option\(s\) \['betta'\]"):
-        dpo_spec(None, "dpo_hybrid", betta=0.1)
+        resolve_loss("dpo", "dpo_hybrid", get_algorithm("dpo").loss_inputs, {"betta": 0.1})
+
+
+def test_a_loss_that_does_not_fit_the_kind_is_refused_with_the_ones_that_do():
+    from specs_jax.training.algorithm import get_algorithm, resolve_loss
+
+    with pytest.raises(ValueError, match=r"loss 'dpo_hybrid' takes .*`train grpo` passes.*'grpo'"):
+        resolve_loss("grpo", "dpo_hybrid", get_algorithm("grpo").loss_inputs, {})
+    with pytest.raises(ValueError, match="unknown training kind 'ppo'; known kinds: .*'vigos'"):
+        get_algorithm("ppo")
 
 
 def test_logical_to_spec_maps_rules_and_falls_back_to_replicated():

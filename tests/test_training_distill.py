@@ -32,9 +32,9 @@ from specs_jax.losses import (
 )
 from specs_jax.model import from_hf_dict, load_preset
 from specs_jax.sampling import Generation
+from specs_jax.training.algorithm import get_algorithm
 from specs_jax.training.config import from_dict, load_config
 from specs_jax.training.distill import (
-    ALGORITHMS_DISTILL,
     OPSD,
     DistillBatch,
     ViGOS,
@@ -381,7 +381,7 @@ def test_configs_load_and_their_options_are_accepted(name, processor, model):
     cfg = load_config(CONFIGS / f"{name}.yaml")
     kind = name.split("_")[0]
     assert cfg.loss.name == kind and cfg.model.reference == "batch"
-    algo = ALGORITHMS_DISTILL[kind](cfg, nnx.graphdef(model), model.config, processor)
+    algo = get_algorithm(kind)(cfg, nnx.graphdef(model), model.config, processor)
     assert algo.reference
     if name.endswith("7b"):
         assert cfg.rl.top_p == 0.95 and cfg.rl.top_k == 20 and algo.loss_kwargs["temperature"] == 1.1

@@ -10,6 +10,7 @@ from flax import nnx
 
 import specs_jax
 from hf_fixtures import image_row, pixels, random_hf_model, tiny_config
+from specs_jax.losses import get_loss
 from specs_jax.sampling import Sampler, SamplerConfig, SamplingParams
 from specs_jax.training.batches import prepare_grpo
 from specs_jax.training.grpo import grpo_spec, rollout, rollout_sequences
@@ -68,7 +69,7 @@ def test_grpo_steps_raise_the_rewarded_behaviour(model):
     tx = optax.adam(5e-2)
     shardings = state_shardings(model, tx, False, mesh, make_rules())
     state = create_state(model, tx, shardings, False, seed=0)
-    spec = grpo_spec(graphdef, temperature=1.0, kl_coef=0.0)
+    spec = grpo_spec(graphdef, get_loss("grpo"), temperature=1.0, kl_coef=0.0)
     sampler = Sampler(model, None, SamplerConfig(max_new_tokens=4), eos_ids=[2], pad_id=0)
     batch = prompt_batch(with_image=False)
     params = SamplingParams(temperature=1.0)

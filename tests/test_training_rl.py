@@ -67,9 +67,9 @@ def test_train_grpo_cli_runs_and_logs_rollout_metrics(world, tmp_path, capsys):
 
 
 def test_grpo_needs_its_loss_and_files(world, tmp_path, capsys):
-    assert cli(["train", "grpo", "--config", "configs/base.yaml",
-                *overrides(world, tmp_path, "data.source=files")]) == 2
-    assert "loss.name: grpo" in capsys.readouterr().err
+    assert cli(["train", "grpo", "--config", "configs/grpo_tiny.yaml", "loss.name=dpo_hybrid",
+                *overrides(world, tmp_path)]) == 2
+    assert "losses that fit (config loss.name)" in capsys.readouterr().err
     assert cli(["train", "grpo", "--config", "configs/grpo_tiny.yaml", "loss.kwargs.eps_lo=0.1",
                 *overrides(world, tmp_path)]) == 2
     assert "eps_lo" in capsys.readouterr().err

@@ -59,14 +59,13 @@ def _stage(root: Path, name: str, fn: Callable[[Path], dict], timings: dict) -> 
 # ---------------------------------------------------------------------------------- training
 
 
-def _batches(kind: str, rcfg, processor, path: Path, system_prompt: str, columns=None, image_root=None):
-    from specs_jax.data.pipeline import Columns, DataConfig, load_rows, preference_batches, rl_batches, sft_batches
+def _batches(data_kind: str, rcfg, processor, path: Path, system_prompt: str, columns=None, image_root=None):
+    from specs_jax.data.pipeline import Columns, DataConfig, batches, load_rows
 
-    make = {"sft": sft_batches, "dpo": preference_batches}.get(kind, rl_batches)
     pipe = DataConfig(columns=columns or Columns(), batch_size=rcfg.train.batch_size,
                       buckets=tuple(rcfg.data.buckets) or (rcfg.train.max_length,), seed=rcfg.train.seed,
                       num_epochs=None, system_prompt=system_prompt, image_root=image_root, read_threads=1)
-    return make(load_rows(path), processor, pipe)
+    return batches(load_rows(path), processor, pipe, data_kind)
 
 
 def _save_model(trainer, processor, out: Path) -> Path:
@@ -83,12 +82,10 @@ def _save_model(trainer, processor, out: Path) -> Path:
 def _train(kind: str, rcfg, processor, data_path: Path, out: Path, system_prompt: str, model=None,
            **data_kwargs) -> dict:
     """Train one stage to ``rcfg.train.steps`` (resuming its checkpoints), export ``out/model``."""
-    from specs_jax.training.rl import RL_KINDS, RLTrainer
-    from specs_jax.training.trainer import Trainer
+    from specs_jax.training.rl import make_trainer
 
-    trainer = (RLTrainer(rcfg, kind, processor, model=model) if kind in RL_KINDS
-               else Trainer(rcfg, kind, model=model))
-    data = _batches(kind, rcfg, processor, data_path, system_prompt, **data_kwargs)
+    trainer = make_trainer(rcfg, kind, processor, model=model)
+    data = _batches(trainer.algorithm.data, rcfg, processor, data_path, system_prompt, **data_kwargs)
     history = trainer.fit(data, resume=True)
     trainer.close()
     _save_model(trainer, processor, out / "model")

@@ -182,7 +182,8 @@ GRPO_KEYS = ("old_logps", "advantages")
 
 def prepare_grpo(cfg: ModelConfig, batch: Mapping[str, np.ndarray], accum: int) -> SeqBatch:
     """GRPO batch dict (prompt + completion rows with ``old_logps [R, T]`` aligned with the labels and
-    ``advantages [R]``, see :func:`specs_jax.training.grpo.rollout_sequences`) -> stacked
-    :class:`SeqBatch` ``[accum, R/accum, ...]`` with those two in :attr:`SeqBatch.rows`."""
+    ``advantages [R]``, see :func:`specs_jax.training.grpo.rollout_sequences`; optionally ``sampler_logps [R, T]``)
+    -> stacked :class:`SeqBatch` ``[accum, R/accum, ...]`` with those in :attr:`SeqBatch.rows`."""
     _check_keys(batch, "GRPO", ROW_KEYS + GRPO_KEYS)
-    return _prepare_rows(cfg, batch, _micro_rows(len(batch["input_ids"]), accum), GRPO_KEYS)
+    keys = GRPO_KEYS + (("sampler_logps",) if "sampler_logps" in batch else ())
+    return _prepare_rows(cfg, batch, _micro_rows(len(batch["input_ids"]), accum), keys)

@@ -102,7 +102,10 @@ class CheckpointConfig:
 
 @dataclasses.dataclass
 class LossConfig:
-    name: str = "dpo_hybrid"
+    """The training kind's loss: ``name`` any registered loss that fits the kind (null: the kind's default,
+    e.g. ``dpo_hybrid`` for ``train dpo``, ``grpo`` for ``train grpo``), ``kwargs`` its options."""
+
+    name: str | None = None
     kwargs: dict = dataclasses.field(default_factory=dict)
 
 
@@ -147,7 +150,7 @@ class RLConfig:
     top_p: float = 1.0
     top_k: int = 0
     num_iterations: int = 1
-    scale_rewards: str = "group"  # group | batch | none (METHOD.md section 4)
+    scale_rewards: str | None = None  # group | batch | none (METHOD.md section 4); null: the loss's (group; dr_grpo: none)
     accuracy_filter: list = dataclasses.field(default_factory=list)  # [lo, hi]: mask groups outside; []: off
 
 
@@ -190,7 +193,7 @@ CHOICES = {
     "optim.schedule": ("constant", "cosine", "linear"),
     "checkpoint.best_mode": ("min", "max"),
     "data.source": ("synthetic", "files"),
-    "rl.scale_rewards": ("group", "batch", "none"),
+    "rl.scale_rewards": (None, "group", "batch", "none"),
 }
 POSITIVE = ("train.steps", "train.batch_size", "train.max_length", "train.log_every", "optim.grad_accum_steps",
             "checkpoint.keep_last_n", "data.eval_batches", "rl.group_size", "rl.max_new_tokens",

@@ -1,9 +1,9 @@
 """On-policy self-distillation for the RL trainer: the ``opsd`` and ``vigos`` algorithms (METHOD.md 5).
 
 Both plug into the shared rollout loop of :mod:`specs_jax.training.rl` (rollout -> rewards ->
-update) through the ``RLAlgorithm`` interface: ``reference = True`` (the trainer passes the frozen
-STARTING parameters as the step's ``extra``: they are every teacher), ``system_prompt``,
-:meth:`spec`, :meth:`sequences`, :meth:`prepare`, :meth:`shardings`. The SPECS rewards of the
+update) as registered :class:`~specs_jax.training.algorithm.Algorithm` s: ``reference = True`` (the
+trainer passes the frozen STARTING parameters as the step's ``extra``: they are every teacher),
+``system_prompt``, :meth:`spec`, :meth:`sequences`, :meth:`prepare`, :meth:`shardings`. The SPECS rewards of the
 rollout are computed by the trainer for logging only; the update is pure distillation.
 
 Contexts (all rendered with ``tokenizer.apply_chat_template`` of the student's processor, the same
@@ -87,15 +87,15 @@ from specs_jax.data.pipeline import prompt_messages
 from specs_jax.data.tokenizer import IMAGE_TOKEN, Processor
 from specs_jax.losses import vigos_description_end, vigos_teacher_index
 from specs_jax.model import ModelConfig, ModelInputs, prepare_inputs
+from specs_jax.training.algorithm import Algorithm, register_algorithm
 from specs_jax.training.batches import pow2_bucket, select_images, stack_micro
 from specs_jax.training.config import RunConfig
 from specs_jax.training.grpo import ScoredRollout, rollout_sequences
 from specs_jax.training.sharding import batch_spec
 from specs_jax.training.state import model_from_params
-from specs_jax.training.steps import LossSpec, StepContext, checked_loss
+from specs_jax.training.steps import LossSpec, StepContext
 
 __all__ = [
-    "ALGORITHMS_DISTILL",
     "DEFAULT_TRANSITION",
     "OPSD",
     "DistillBatch",
@@ -222,29 +222,22 @@ def _rows_of(batch: Mapping[str, Any], key: str, n: int) -> list:
     return [None] * n if value is None else list(value)
 
 
-class _Distill:
+class _Distill(Algorithm):
     """Shared machinery of :class:`OPSD` and :class:`ViGOS` (module docstring)."""
 
-    kind: str
-    reference = True
-    system_prompt: str | None = None
+    data = "rl"
+    internal = ("num_items_in_batch",)
+    batch_unit = "prompts"
+    summary_metric = "reward/mean"
     teacher_names: tuple[str, ...] = ()
-    extra_forwards = 1  # the privileged teacher
-    algo_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, cfg: RunConfig, graphdef: nnx.GraphDef, model_cfg: ModelConfig, processor: Processor):
-        self.cfg, self.graphdef, self.model_cfg, self.processor = cfg, graphdef, model_cfg, processor
-        if cfg.loss.name != self.kind:
-            raise ValueError(f"{self.kind} trains with the {self.kind!r} loss: set config key "
-                             f"'loss.name: {self.kind}' (got {cfg.loss.name!r})")
-        kwargs = dict(cfg.loss.kwargs)
-        self.options = {k: kwargs.pop(k, v) for k, v in self.algo_defaults.items()}
-        self.loss_fn = checked_loss(self.kind, kwargs, internal=("num_items_in_batch",))
+        super().__init__(cfg, graphdef, model_cfg, processor)
+        kwargs = self.loss_kwargs
         if "temperature" not in kwargs:
             kwargs["temperature"] = cfg.rl.temperature if cfg.rl.temperature > 0 else 1.0
         if isinstance(kwargs.get("weights"), list):
             kwargs["weights"] = tuple(kwargs["weights"])
-        self.loss_kwargs = kwargs
         if self.options["privileged"] not in PRIVILEGED:
             raise ValueError(f"loss.kwargs.privileged must be one of {list(PRIVILEGED)}, got "
                              f"{self.options['privileged']!r}")
@@ -253,6 +246,10 @@ class _Distill:
         self.pad_id = processor.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = processor.tokenizer.eos_token_id
+
+    @property
+    def reference(self) -> bool:
+        return True  # the frozen starting parameters are every teacher
 
     # ------------------------------------------------------------------ contexts
     def privileged_text(self, question: str, answer: str | None, solution: str | None) -> str:
@@ -388,16 +385,17 @@ class _Distill:
         return jax.lax.stop_gradient(response_logits(teacher, inputs, micro.mask.shape[1]))
 
 
+@register_algorithm("opsd")
 class OPSD(_Distill):
     """OPSD: the frozen start model, given the reference solution and a transition line in its
     context, teaches the student on the student's own response (``opsd_loss``, module docstring).
     Step metrics: ``divergence`` (token mean, unclipped), ``clip_fraction`` (with ``token_clip``),
     ``tokens``."""
 
-    kind = "opsd"
-    system_prompt = None
+    default_loss = "opsd"
+    loss_inputs = ("student_logits", "teacher_logits", "mask")
     teacher_names = ("teacher",)
-    algo_defaults: ClassVar[dict[str, Any]] = {"privileged": "solution", "header": None, "transition": DEFAULT_TRANSITION}
+    algo_options: ClassVar[dict[str, Any]] = {"privileged": "solution", "header": None, "transition": DEFAULT_TRANSITION}
 
     def teacher_texts(self, question, answer, solution):
         return {"teacher": self.privileged_text(question, answer, solution)}
@@ -421,6 +419,7 @@ class OPSD(_Distill):
         return LossSpec(totals, micro_loss)
 
 
+@register_algorithm("vigos")
 class ViGOS(_Distill):
     """ViGOS: three teachers (perception, privileged reasoning, reference; all the frozen start
     model, differing only in context) routed per token by the parse of the student's response
@@ -428,10 +427,11 @@ class ViGOS(_Distill):
     ``divergence/{perception,reasoning,reference}`` (mean over the tokens routed there),
     ``tokens/{...}`` (share of the response tokens routed there), ``tokens``."""
 
-    kind = "vigos"
+    default_loss = "vigos"
+    loss_inputs = ("student_logits", "teacher_logits", "teacher_index", "mask")
     teacher_names = ("reasoning", "reference")
     extra_forwards = 3  # perception (the student's own context), reasoning and reference teachers
-    algo_defaults: ClassVar[dict[str, Any]] = {"privileged": "answer", "header": None, "transition": DEFAULT_TRANSITION,
+    algo_options: ClassVar[dict[str, Any]] = {"privileged": "answer", "header": None, "transition": DEFAULT_TRANSITION,
                      "answer_block": False, "system_prompt": None, "format_demo": None}
 
     def __init__(self, cfg: RunConfig, graphdef: nnx.GraphDef, model_cfg: ModelConfig, processor: Processor):
@@ -488,5 +488,3 @@ class ViGOS(_Distill):
 
         return LossSpec(totals, micro_loss)
 
-
-ALGORITHMS_DISTILL = {"opsd": OPSD, "vigos": ViGOS}

@@ -10,6 +10,10 @@ One RL step, for a left-padded prompt batch (``specs_jax.data.pipeline.rl_batche
    sampler's log-probs (under ``softmax(logits / T)``) as old log-probs aligned with the labels, and
    each prompt's images repeated for its samples;
 3. :func:`~specs_jax.training.batches.prepare_grpo` + ``make_train_step(graphdef, grpo_spec(...))``.
+
+:class:`GRPO` is the ``grpo`` training kind (run by :class:`~specs_jax.training.rl.RLTrainer`): it trains
+any registered loss of the GRPO family, i.e. with the inputs ``(logps, old_logps, ref_logps, advantages,
+mask)`` (``loss.name``: ``grpo``, ``gspo``, ``cispo``, ``dr_grpo``, or one of your own).
 """
 
 from __future__ import annotations
@@ -26,11 +30,14 @@ from specs_jax.losses import group_advantages
 from specs_jax.model import ModelConfig
 from specs_jax.rewards import score_batch
 from specs_jax.sampling import Generation, Sampler, SamplingParams
-from specs_jax.training.batches import SeqBatch, select_images
+from specs_jax.training.algorithm import Algorithm, loss_options, register_algorithm
+from specs_jax.training.batches import SeqBatch, prepare_grpo, select_images
 from specs_jax.training.state import model_from_params
-from specs_jax.training.steps import LossSpec, StepContext, checked_loss, sequence_logps
+from specs_jax.training.steps import LossSpec, StepContext, sequence_logps
 
-__all__ = ["ScoredRollout", "grpo_spec", "rollout", "rollout_sequences", "specs_rewards"]
+__all__ = ["GRPO", "ScoredRollout", "grpo_spec", "rollout", "rollout_sequences", "specs_rewards"]
+
+IS_OPTION = "importance_sampling"  # the GRPO-family option of the sampler/trainer importance correction
 
 RewardFn = Callable[[Generation, Sequence[str]], np.ndarray]
 
@@ -84,16 +91,17 @@ def rollout_sequences(cfg: ModelConfig, batch: Mapping[str, Any], ro: ScoredRoll
     return out
 
 
-def grpo_spec(graphdef: nnx.GraphDef, temperature: float = 1.0, **loss_kwargs: Any) -> LossSpec:
-    """:func:`~specs_jax.losses.grpo_loss` over micro-batches (``old_logps``/``advantages`` in
-    :attr:`SeqBatch.rows`). Each micro-batch divides by the whole batch's token count
-    (``token-mean``) or sequence count (``seq-*``), so the contributions sum to the batch loss; its
-    metrics are weighted by its share of the tokens. The log-probs use ``logits / temperature``.
-    With ``kl_coef > 0`` the reference parameters come in ``ctx.extra``.
+def grpo_spec(graphdef: nnx.GraphDef, loss_fn: Callable, temperature: float = 1.0, **loss_kwargs: Any) -> LossSpec:
+    """A GRPO-family loss (signature of :func:`~specs_jax.losses.grpo_loss`) over micro-batches
+    (``old_logps``/``advantages``, optionally ``sampler_logps``, in :attr:`SeqBatch.rows`). Each micro-batch
+    divides by the whole batch's token count (``loss_agg: token-mean``) or sequence count (``seq-*``), so
+    the contributions sum to the batch loss; its metrics are weighted by its share of the tokens. The
+    log-probs use ``logits / temperature``. With ``kl_coef > 0`` the reference parameters come in
+    ``ctx.extra``.
     """
-    loss_fn = checked_loss("grpo", loss_kwargs, internal=("logits", "num_items_in_batch"))
-    kl_coef = loss_kwargs.get("kl_coef", 0.01)
-    token_mean = loss_kwargs.get("loss_agg", "token-mean") == "token-mean"
+    options = loss_options(loss_fn, loss_kwargs)
+    kl_coef = options["kl_coef"]
+    token_mean = options["loss_agg"] == "token-mean"
 
     def totals(batch: SeqBatch) -> dict[str, jax.Array]:
         return {"tokens": jnp.sum(batch.mask), "sequences": jnp.float32(batch.mask.shape[0] * batch.mask.shape[1])}
@@ -103,13 +111,58 @@ def grpo_spec(graphdef: nnx.GraphDef, temperature: float = 1.0, **loss_kwargs: A
         ref = None
         if kl_coef:
             if ctx.extra is None:
-                raise ValueError("grpo with kl_coef > 0 needs the reference parameters (extra)")
+                raise ValueError("a GRPO-family loss with kl_coef > 0 needs the reference parameters (extra)")
             ref = jax.lax.stop_gradient(sequence_logps(model_from_params(graphdef, ctx.extra), micro, temperature))
         n = ctx.totals["tokens"] if token_mean else ctx.totals["sequences"]
+        sampler = {"sampler_logps": micro.rows["sampler_logps"]} if "sampler_logps" in micro.rows else {}
         loss, metrics = loss_fn(logps, micro.rows["old_logps"], ref, micro.rows["advantages"], micro.mask,
-                                num_items_in_batch=n, **loss_kwargs)
+                                num_items_in_batch=n, **sampler, **loss_kwargs)
         share = jnp.sum(micro.mask) / jnp.maximum(ctx.totals["tokens"], 1.0)
         metrics = {k: v if k == "policy_loss" else share * v for k, v in metrics.items()}
         return loss, {**metrics, "tokens": jnp.sum(micro.mask)}
 
     return LossSpec(totals, micro_loss)
+
+
+@register_algorithm("grpo")
+class GRPO(Algorithm):
+    """GRPO (METHOD.md section 4) and its variants: any registered loss of the GRPO family (``loss.name``,
+    default ``grpo``) with its options in ``loss.kwargs`` (``eps_low``, ``eps_high``, ``kl_coef``,
+    ``loss_agg``, ``dual_clip``, ...). ``kl_coef > 0`` (the loss's default unless set) brings the frozen
+    reference model. With the loss's importance-sampling option on, the old log-probs are recomputed by
+    the trainer before the updates and the sampler's log-probs are passed as ``sampler_logps``."""
+
+    data = "rl"
+    default_loss = "grpo"
+    loss_inputs = ("logps", "old_logps", "ref_logps", "advantages", "mask")
+    internal = ("logits", "num_items_in_batch", "sampler_logps")
+    batch_unit = "prompts"
+    summary_metric = "reward/mean"
+
+    @property
+    def reference(self) -> bool:
+        return self.option("kl_coef") > 0
+
+    @property
+    def importance_sampling(self) -> bool:
+        """Whether the loss corrects for the sampler/trainer mismatch (then old log-probs are the trainer's)."""
+        return bool(loss_options(self.loss_fn, self.loss_kwargs).get(IS_OPTION))
+
+    def spec(self) -> LossSpec:
+        return grpo_spec(self.graphdef, self.loss_fn, self.cfg.rl.temperature or 1.0, **self.loss_kwargs)
+
+    def sequences(self, prompts: Mapping[str, Any], ro: ScoredRollout) -> dict:
+        seqs = rollout_sequences(self.model_cfg, prompts, ro, self.cfg.rl.group_size)
+        if self.importance_sampling:
+            seqs["sampler_logps"] = seqs["old_logps"].copy()
+        return seqs
+
+    def prepare(self, batch: Mapping[str, Any], accum: int) -> SeqBatch:
+        return prepare_grpo(self.model_cfg, batch, accum)
+
+    def refresh(self, model: nnx.Module, micro: SeqBatch) -> SeqBatch | None:
+        """With importance sampling: the micro-batch with ``old_logps`` of the trainer's current policy."""
+        if not self.importance_sampling:
+            return None
+        logps = jax.lax.stop_gradient(sequence_logps(model, micro, self.cfg.rl.temperature or 1.0))
+        return micro._replace(rows={**micro.rows, "old_logps": jnp.where(micro.mask > 0, logps, 0.0)})

@@ -11,14 +11,15 @@ Extension point: a step is ``make_train_step(graphdef, spec, tx, ...)`` where ``
 
 Gradients of the contributions are accumulated over the micro-batches with ``lax.scan``, so
 ``grad_accum_steps`` micro-batches give the gradient of one big batch. The per-token log-probs
-come from :func:`sequence_logps` (decoder hidden states + vocabulary-chunked log-softmax);
-``grpo``/``opsd``/``vigos`` steps are further :class:`LossSpec` s over the same machinery, with
-their extra inputs (old/reference log-probs, advantages, teacher logits) in the batch or ``extra``.
+come from :func:`sequence_logps` (decoder hidden states + vocabulary-chunked log-softmax). Each
+training kind's :class:`~specs_jax.training.algorithm.Algorithm` builds its :class:`LossSpec`
+(``sft``/``dpo`` in :mod:`~specs_jax.training.supervised`, ``grpo`` in :mod:`~specs_jax.training.grpo`,
+``opsd``/``vigos`` in :mod:`~specs_jax.training.distill`), with its extra inputs (old/reference
+log-probs, advantages, teacher logits) in the batch or ``extra``.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -28,15 +29,13 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from specs_jax.losses import get_loss, token_logps_from_hidden
+from specs_jax.losses import token_logps_from_hidden
 from specs_jax.training.batches import SeqBatch
 from specs_jax.training.sharding import batch_spec
 from specs_jax.training.state import TrainState, join_params, model_from_params
 
-__all__ = [
-    "LossSpec", "StepContext", "batch_shardings", "checked_loss", "dpo_spec", "make_eval_step", "make_train_step", "sequence_logps",
-    "sft_spec",
-]
+__all__ = ["LossSpec", "StepContext", "batch_shardings", "make_eval_step", "make_train_step", "sequence_logps",
+           "under_mesh"]
 
 
 class StepContext(NamedTuple):
@@ -59,74 +58,6 @@ def sequence_logps(model: nnx.Module, seq: SeqBatch, temperature: float = 1.0) -
     """``[b, T]`` float32 ``log p(labels[t] | tokens <= t)`` of the prepared sequences."""
     hidden = model.hidden_states(seq.inputs)
     return token_logps_from_hidden(hidden, model.lm_head_weight().astype(hidden.dtype), seq.labels, temperature)
-
-
-def _masked_sum(x: jax.Array, mask: jax.Array) -> jax.Array:
-    return jnp.sum(jnp.where(mask > 0, x, 0.0))
-
-
-def sft_spec() -> LossSpec:
-    """Token-mean NLL of the response tokens over the whole batch: ``-sum(logp * mask) / sum(mask)``."""
-
-    def totals(batch: SeqBatch) -> dict[str, jax.Array]:
-        return {"tokens": jnp.sum(batch.mask)}
-
-    def micro_loss(model, micro: SeqBatch, ctx: StepContext):
-        nll = -_masked_sum(sequence_logps(model, micro), micro.mask) / jnp.maximum(ctx.totals["tokens"], 1.0)
-        return nll, {"nll": nll, "tokens": jnp.sum(micro.mask)}
-
-    return LossSpec(totals, micro_loss)
-
-
-def checked_loss(loss_name: str, loss_kwargs: dict[str, Any], internal: tuple[str, ...] = ()) -> Callable:
-    """``get_loss(loss_name)`` after checking that every key of ``loss_kwargs`` is one of its keyword-only
-    options (``internal``: options the step sets itself, refused too); ``ValueError`` naming the key."""
-    loss_fn = get_loss(loss_name)
-    params = inspect.signature(loss_fn).parameters
-    options = [k for k, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY and k not in internal]
-    unknown = [k for k in loss_kwargs if k not in options]
-    if unknown:
-        raise ValueError(f"loss {loss_name!r} has no option(s) {unknown} (config loss.kwargs); options: {options}")
-    return loss_fn
-
-
-def dpo_spec(graphdef: nnx.GraphDef, loss_name: str = "dpo_hybrid", **loss_kwargs: Any) -> LossSpec:
-    """Preference loss ``get_loss(loss_name)`` (signature of :func:`dpo_hybrid_loss`) over micro-batches of
-    ``b`` chosen rows followed by their ``b`` rejected rows.
-
-    Reference log-probs come from ``ctx.extra`` (full reference parameters; computed per batch,
-    no gradient) or, when ``extra`` is None, from ``micro.ref_logps`` (precomputed). The loss is a
-    mean over pairs, so a micro-batch contributes ``(b / B) * loss_micro``; with
-    ``sft_norm="token"`` its SFT weight is rescaled to ``sft_weight * (B / b) * (n / N)`` (``n``,
-    ``N``: chosen tokens of the micro-batch and of the batch), which makes the sum over
-    micro-batches equal the token-mean SFT term of the whole batch.
-    """
-    loss_fn = checked_loss(loss_name, loss_kwargs)
-    params = inspect.signature(loss_fn).parameters
-    token_norm = loss_kwargs.get("sft_norm", params.get("sft_norm") and params["sft_norm"].default) == "token"
-
-    def totals(batch: SeqBatch) -> dict[str, jax.Array]:
-        b = batch.mask.shape[1] // 2
-        return {"pairs": jnp.float32(batch.mask.shape[0] * b), "chosen_tokens": jnp.sum(batch.mask[:, :b])}
-
-    def micro_loss(model, micro: SeqBatch, ctx: StepContext):
-        b = micro.mask.shape[0] // 2
-        logps = sequence_logps(model, micro)
-        if ctx.extra is not None:
-            ref = jax.lax.stop_gradient(sequence_logps(model_from_params(graphdef, ctx.extra), micro))
-        else:
-            ref = micro.ref_logps
-        weight = b / ctx.totals["pairs"]
-        kwargs = dict(loss_kwargs)
-        if token_norm and "sft_weight" in params:
-            n = jnp.sum(micro.mask[:b])
-            sft_weight = kwargs.get("sft_weight", params["sft_weight"].default)
-            kwargs["sft_weight"] = sft_weight * n / (weight * jnp.maximum(ctx.totals["chosen_tokens"], 1.0))
-        loss, metrics = loss_fn(logps[:b], logps[b:], ref[:b], ref[b:], micro.mask[:b], micro.mask[b:], **kwargs)
-        metrics = {k: weight * v for k, v in metrics.items()}
-        return weight * loss, {**metrics, "tokens": jnp.sum(micro.mask)}
-
-    return LossSpec(totals, micro_loss)
 
 
 def batch_shardings(batch: SeqBatch, mesh: Mesh) -> SeqBatch:
@@ -154,7 +85,7 @@ def _tree_add(a, b):
     return jax.tree.map(jnp.add, a, b)
 
 
-def _under_mesh(fn: Callable, mesh: Mesh) -> Callable:
+def under_mesh(fn: Callable, mesh: Mesh) -> Callable:
     """``fn`` traced and run with ``mesh`` as the ambient mesh, so the model pins its activations' batch
     axis to the mesh's batch axes (:func:`specs_jax.model.layers.constrain_batch`). ``.lower`` too (AOT)."""
     def run(*args):
@@ -205,7 +136,7 @@ def make_train_step(graphdef: nnx.GraphDef, spec: LossSpec, tx: optax.GradientTr
                    "lr": jnp.asarray(schedule(state.step), jnp.float32)}
         return TrainState(state.step + 1, params, state.frozen, opt_state, rng), metrics
 
-    return _under_mesh(jax.jit(step, in_shardings=(state_shardings, batch_sharding, extra_shardings),
+    return under_mesh(jax.jit(step, in_shardings=(state_shardings, batch_sharding, extra_shardings),
                                out_shardings=(state_shardings, replicated), donate_argnums=(0,)),
                        state_shardings.step.mesh)
 
@@ -227,5 +158,5 @@ def make_eval_step(graphdef: nnx.GraphDef, spec: LossSpec, state_shardings: Trai
         (loss, metrics), _ = jax.lax.scan(body, zeros, batch)
         return {**metrics, "loss": loss}
 
-    return _under_mesh(jax.jit(evaluate, in_shardings=(state_shardings, batch_sharding, extra_shardings),
+    return under_mesh(jax.jit(evaluate, in_shardings=(state_shardings, batch_sharding, extra_shardings),
                                out_shardings=replicated), state_shardings.step.mesh)

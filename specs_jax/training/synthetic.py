@@ -76,9 +76,9 @@ class SyntheticSource:
     def __init__(self, cfg: ModelConfig, kind: str, batch: int, length: int, seed: int = 0,
                  response_fraction: float = 0.5, image_grid: tuple[int, int, int] | None = None,
                  num_batches: int = 0, process: int = 0):
-        makers = {"sft": random_sft_batch, "dpo": random_dpo_batch}
+        makers = {"sft": random_sft_batch, "preference": random_dpo_batch}
         if kind not in makers:
-            raise ValueError(f"kind={kind!r}; expected one of {sorted(makers)}")
+            raise ValueError(f"synthetic data of kind {kind!r}; expected one of {sorted(makers)} (Algorithm.data)")
         self._make = makers[kind]
         self.cfg, self.batch, self.length, self.seed = cfg, batch, length, seed
         self.response_fraction, self.image_grid = response_fraction, image_grid

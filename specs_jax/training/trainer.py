@@ -19,7 +19,8 @@ from flax import nnx
 from jax.sharding import Mesh, PartitionSpec
 
 from specs_jax.model import ModelConfig, Qwen2_5_VLForConditionalGeneration, load_preset
-from specs_jax.training.batches import SeqBatch, prepare_dpo, prepare_sft
+from specs_jax.training.algorithm import Algorithm, get_algorithm
+from specs_jax.training.batches import SeqBatch
 from specs_jax.training.checkpoint import Checkpointer
 from specs_jax.training.config import RunConfig, to_dict
 from specs_jax.training.logging import MetricLogger, check_finite
@@ -32,20 +33,9 @@ from specs_jax.training.state import (
     make_optimizer,
     state_shardings,
 )
-from specs_jax.training.steps import (
-    LossSpec,
-    batch_shardings,
-    dpo_spec,
-    make_eval_step,
-    make_train_step,
-    sequence_logps,
-    sft_spec,
-)
+from specs_jax.training.steps import LossSpec, make_eval_step, make_train_step, sequence_logps
 
-__all__ = ["KINDS", "RL_KINDS", "Trainer", "build_model"]
-
-KINDS = ("sft", "dpo")  # supervised kinds: this Trainer
-RL_KINDS = ("grpo", "opsd", "vigos")  # rollout kinds: specs_jax.training.rl.RLTrainer
+__all__ = ["Trainer", "build_model"]
 
 
 def build_model(cfg: RunConfig) -> Qwen2_5_VLForConditionalGeneration:
@@ -72,25 +62,27 @@ def _matmul_params(model: Qwen2_5_VLForConditionalGeneration) -> int:
 
 
 class Trainer:
-    """SFT or DPO training of a Qwen2.5-VL model as configured by a :class:`RunConfig`.
+    """Training of a Qwen2.5-VL model as configured by a :class:`RunConfig`, for any training kind whose
+    :class:`~specs_jax.training.algorithm.Algorithm` trains on fixed batches (``sft``, ``dpo``, ...; the
+    kinds that roll out run in :class:`~specs_jax.training.rl.RLTrainer`; :func:`~specs_jax.training.rl.make_trainer`
+    picks the right one).
 
     ``model``: the policy (default: :func:`build_model`; a given model brings its own dtypes and remat
     policy, ``cfg.model.path/preset/dtype/param_dtype/remat`` are then unused); ``mesh``: default
-    ``cfg.mesh`` over all devices. The DPO reference is a frozen copy of the
-    starting policy (``model.reference=batch``: log-probs computed in every step) or log-probs
-    already in the batches (``precomputed``, see :meth:`precompute_reference`).
+    ``cfg.mesh`` over all devices; ``processor``: passed to the algorithm (rollout kinds decode with it).
+    When the algorithm has a reference (:attr:`Algorithm.reference`), the steps get a frozen copy of the
+    starting parameters as ``extra``.
     """
 
-    kinds: tuple[str, ...] = KINDS
-    updates_per_step = 1  # optimizer updates per loop step (RL: rl.num_iterations per rollout batch)
+    rolls_out = False  # which algorithms this loop runs (Algorithm.rolls_out)
 
     def __init__(self, cfg: RunConfig, kind: str, model: Qwen2_5_VLForConditionalGeneration | None = None,
-                 mesh: Mesh | None = None):
-        if kind not in self.kinds:
-            raise ValueError(f"training kind {kind!r}; expected one of {self.kinds}")
-        if kind == "sft" and cfg.loss.kwargs:
-            raise ValueError(f"config key 'loss.kwargs' is for `train dpo`; SFT is token-mean NLL without options, "
-                             f"got {cfg.loss.kwargs}")
+                 mesh: Mesh | None = None, processor: Any = None):
+        algorithm_cls = get_algorithm(kind)
+        if (algorithm_cls.data == "rl") != self.rolls_out:
+            loop = "RLTrainer" if algorithm_cls.data == "rl" else "Trainer"
+            raise ValueError(f"training kind {kind!r} trains on {algorithm_cls.data} batches: it runs in {loop} "
+                             f"(specs_jax.training.rl.make_trainer picks the loop), not {type(self).__name__}")
         self.cfg, self.kind = cfg, kind
         maybe_initialize_distributed(cfg.mesh.distributed)
         self.mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor) if mesh is None else mesh
@@ -98,6 +90,8 @@ class Trainer:
         model = build_model(cfg) if model is None else model
         self.model_cfg: ModelConfig = model.config
         self.graphdef = nnx.graphdef(model)
+        self.algorithm: Algorithm = algorithm_cls(cfg, self.graphdef, self.model_cfg, processor)
+        self.updates_per_step = self.algorithm.updates_per_step
         total_updates = cfg.train.steps * self.updates_per_step
         self.tx = make_optimizer(cfg.optim, total_updates)
         self.schedule = lr_schedule(cfg.optim, total_updates)
@@ -105,29 +99,17 @@ class Trainer:
         self.shardings = state_shardings(model, self.tx, freeze, self.mesh, rules)
         self.state = create_state(model, self.tx, self.shardings, freeze, cfg.train.seed)
         self.extra = self.extra_shardings = None
-        if self.uses_reference():
+        if self.algorithm.reference:
             self.extra_shardings = join_params(self.shardings.params, self.shardings.frozen)
             self.extra = jax.tree.map(lambda x: x.copy(), join_params(self.state.params, self.state.frozen))
-        self.spec: LossSpec = self.build_spec(model)
-        self.flops_per_token = self.flops_factor() * _matmul_params(model)
+        self.spec: LossSpec = self.algorithm.spec()
+        self.flops_per_token = self.algorithm.flops_factor() * _matmul_params(model)
         self.last_tokens = 0.0  # tokens processed by the last train_step (throughput)
         self._step_fns: dict[Any, tuple] = {}
         del model
         ck = cfg.checkpoint
         ck_dir = ck.dir or str(Path(cfg.train.output_dir) / "checkpoints")
         self.checkpointer = Checkpointer(ck_dir, ck.keep_last_n, ck.keep_best_metric, ck.best_mode, ck.async_save)
-
-    def uses_reference(self) -> bool:
-        """Whether the steps get a frozen copy of the starting parameters as ``extra``."""
-        return self.kind == "dpo" and self.cfg.model.reference == "batch"
-
-    def build_spec(self, model: Qwen2_5_VLForConditionalGeneration) -> LossSpec:
-        """The loss of this kind (``model``: the starting policy, e.g. for a sampler)."""
-        return sft_spec() if self.kind == "sft" else dpo_spec(self.graphdef, self.cfg.loss.name, **self.cfg.loss.kwargs)
-
-    def flops_factor(self) -> int:
-        """Model FLOPs per token per matmul parameter of one step: 6 (forward + backward) + 2 per extra forward."""
-        return 6 + (2 if self.extra is not None else 0)
 
     # ---------------------------------------------------------------------------------------
     # batches and steps
@@ -136,12 +118,11 @@ class Trainer:
     def prepare(self, batch: dict[str, np.ndarray], accum: int | None = None) -> SeqBatch:
         """Host batch dict -> global, sharded :class:`SeqBatch` ``[accum, rows, ...]``."""
         accum = self.cfg.optim.grad_accum_steps if accum is None else accum
-        prepare = prepare_sft if self.kind == "sft" else prepare_dpo
-        local = prepare(self.model_cfg, batch, accum)
-        if jax.process_count() > 1 and local.inputs.vision is not None:
+        local = self.algorithm.prepare(batch, accum)
+        if jax.process_count() > 1 and getattr(getattr(local, "inputs", None), "vision", None) is not None:
             raise ValueError("multi-process training with images needs every process to hold all images of the "
                              "global batch; not supported yet")
-        shardings = batch_shardings(local, self.mesh)
+        shardings = self.algorithm.shardings(local, self.mesh)
         return jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(s, x)
                             if s.spec != PartitionSpec() else jax.device_put(x, s), local, shardings)
 
@@ -156,24 +137,12 @@ class Trainer:
                 make_eval_step(self.graphdef, self.spec, self.shardings, sh, self.extra_shardings))
         return self._step_fns[key]
 
-    def _check_reference(self, batch: dict[str, np.ndarray]) -> None:
-        """A DPO batch carries reference log-probs exactly when ``model.reference=precomputed``."""
-        if self.kind != "dpo":
-            return
-        has_ref = batch.get("ref_logps") is not None
-        if self.extra is None and not has_ref:
-            raise ValueError("model.reference=precomputed but the batch has no ref_logps "
-                             "(see Trainer.precompute_reference)")
-        if self.extra is not None and has_ref:
-            raise ValueError("the batch carries precomputed reference log-probs but model.reference=batch; "
-                             "set model.reference=precomputed to use them")
-
     def train_step(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
         """One optimizer step on a host batch; returns the metrics as floats (raises on NaN/Inf)."""
-        self._check_reference(batch)
-        rows = len(batch["input_ids"]) // (1 if self.kind == "sft" else 2)
+        self.algorithm.check_batch(batch)
+        rows = self.algorithm.rows(batch)
         if rows * jax.process_count() != self.cfg.train.batch_size:
-            unit = "rows" if self.kind == "sft" else "pairs"
+            unit = self.algorithm.batch_unit
             raise ValueError(f"batch of {rows} {unit} on each of {jax.process_count()} process(es), but "
                              f"train.batch_size={self.cfg.train.batch_size}")
         prepared = self.prepare(batch)
@@ -189,7 +158,7 @@ class Trainer:
         sums: dict[str, float] = {}
         n = 0
         for batch in batches:
-            self._check_reference(batch)
+            self.algorithm.check_batch(batch)
             prepared = self.prepare(batch, accum=1)
             out = jax.device_get(self._fns(prepared)[1](self.state, prepared, self.extra))
             for k, v in out.items():
@@ -200,10 +169,10 @@ class Trainer:
         return {f"eval/{k}": v / n for k, v in sums.items()}
 
     def precompute_reference(self, batches: Iterable[dict[str, np.ndarray]]) -> Iterator[dict[str, np.ndarray]]:
-        """DPO: the batches with ``ref_logps [2B, T]`` of the current policy (call before training, then
-        train with ``model.reference=precomputed``)."""
-        if self.kind != "dpo":
-            raise ValueError("precompute_reference is for DPO training")
+        """The batches with ``ref_logps`` (``[rows, T]``) of the current policy, for algorithms that take a
+        precomputed reference (DPO: call before training, then train with ``model.reference=precomputed``)."""
+        if not self.algorithm.takes_precomputed_reference:
+            raise ValueError(f"training kind {self.kind!r} takes no precomputed reference log-probs")
         fn = jax.jit(lambda params, seq: sequence_logps(nnx.merge(self.graphdef, nnx.State(params)), seq))
         params = join_params(self.state.params, self.state.frozen)
         for batch in batches:
