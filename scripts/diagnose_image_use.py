@@ -36,9 +36,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="stage directories under run_dir whose model/ to evaluate (default: base grpo_final)")
     args = p.parse_args(argv)
 
+    from specs_jax.data.pair_sampling import Policies
     from specs_jax.data.pipeline import DataConfig, sft_batches
     from specs_jax.pipeline.config import load_pipeline_config
-    from specs_jax.pipeline.run import Policies, _eval_config, _eval_rows
+    from specs_jax.pipeline.run import _eval_config, _eval_rows
 
     config = args.run_dir / "config.json"
     if not config.is_file():

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from specs_jax.pipeline import report
-from specs_jax.pipeline.report import (
+from specs_jax.pipeline.findings import (
     claim_cold_start_format,
     claim_final_beats_grpo_zero,
     claim_gf_positive,
@@ -19,9 +19,8 @@ from specs_jax.pipeline.report import (
     fmt_num,
     gf_values,
     mean_std,
-    write_ablation_report,
-    write_report,
 )
+from specs_jax.pipeline.report import write_ablation_report, write_report
 
 SPLITS = ("id_test", "ood_test")
 LABELS = {"base": "base", "grpo_zero": "GRPO-zero", "cold_start": "cold start", "final": "final"}

@@ -84,9 +84,8 @@ def run_synth(args: argparse.Namespace) -> int:
 def run_pairs(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from specs_jax.data.pair_sampling import PairsConfig, Policies, sample_pairs
     from specs_jax.data.pipeline import load_rows
-    from specs_jax.pipeline.config import PairsConfig
-    from specs_jax.pipeline.run import Policies, sample_pairs
 
     cfg = PairsConfig(prompts=args.prompts, samples=args.samples, temperature=args.temperature,
                       pairs_per_prompt=args.pairs_per_prompt, base_rejected_prob=args.base_rejected_prob)

@@ -9,7 +9,7 @@ A pipeline YAML may name a parent with ``base_config:`` (e.g. the ablation confi
 - ``common``: run-config overrides (sections of ``configs/base.yaml``) of every training stage;
 - ``grpo_zero``, ``cold_start``, ``grpo_final``: run-config overrides of each stage (over
   ``common``); ``cold_start.kind`` is ``dpo`` (DPO-hybrid), ``sft`` or ``none`` (skipped);
-- ``pairs``: the self-distilled pairs (:class:`PairsConfig`);
+- ``pairs``: the self-distilled pairs (:class:`specs_jax.data.pair_sampling.PairsConfig`);
 - ``eval``: the evaluation (``EvalConfig`` fields of the run config), ``gf_points``: cold-start
   checkpoints evaluated for the GF curve, ``rbf``: rollout counts of the RBF measurement;
 - ``ablation``: ``seeds`` and ``variants`` (name -> ``cold_start`` overrides); absent: one run.
@@ -24,6 +24,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from specs_jax.data.pair_sampling import PairsConfig
 from specs_jax.training.config import (
     ConfigError,
     RunConfig,
@@ -33,19 +34,7 @@ from specs_jax.training.config import (
     from_dict,
 )
 
-__all__ = ["AblationConfig", "PairsConfig", "PipelineConfig", "load_pipeline_config", "stage_config"]
-
-
-@dataclasses.dataclass
-class PairsConfig:
-    """Stage 1: ``prompts`` training prompts, ``samples`` responses each from GRPO-zero and from the base
-    model at ``temperature``; pairs by :func:`specs_jax.data.pairs.build_pairs`."""
-
-    prompts: int = 256
-    samples: int = 8
-    temperature: float = 1.0
-    pairs_per_prompt: int = 2
-    base_rejected_prob: float = 0.5
+__all__ = ["AblationConfig", "PipelineConfig", "load_pipeline_config", "stage_config"]
 
 
 @dataclasses.dataclass
