@@ -11,10 +11,10 @@ once by transformers, loaded by both sides) and the same inputs:
   reference forward under no_grad, the loss in torch, ``clip_grad_norm_`` + ``AdamW.step``).
 - SFT step: token-mean NLL of the responses, likewise.
 - GRPO step (loss and sampling settings of configs/grpo_7b.yaml: no KL, clip 0.2/0.28, token-mean,
-  T=1), split into its phases: rollout (``specs_jax.training.grpo.rollout``: sampling of
-  ``--group-size`` completions per prompt and their detokenisation), scoring
-  (``specs_jax.rewards.score_batch`` on the decoded texts, timed inside ``rollout``'s reward
-  function) and update (``rollout_sequences`` + ``RLTrainer.update``: one jitted optimizer step).
+  T=1), timed as the trainer's two phases: ``RLTrainer.collect`` (rollout: sampling of
+  ``--group-size`` completions per prompt and their detokenisation; scoring: ``score_batch`` on the
+  decoded texts, reported by collect as ``time/score_s``; advantages, the accuracy filter and the
+  step batch) and ``RLTrainer.update`` (one jitted optimizer step).
   The reference runs the identical ``rollout`` with transformers' ``generate`` behind the sampler
   interface (same prompts and images, same ``max_new_tokens``, sampling at T=1 with top-k/top-p off,
   log-probs from the generation scores) and a torch update (forward+backward of the clipped
@@ -32,8 +32,9 @@ Tokens: DPO/SFT count attended tokens; the GRPO step counts prompt + generated t
 trainer's throughput), the rollout generated tokens, the update the attended tokens of its rows.
 
 MFU (accelerators only; ``specs_jax.training.logging.peak_flops_per_device`` knows no CPU peak):
-model FLOPs ``6 N`` per token for forward+backward plus ``2 N`` per extra forward (the DPO
-reference), ``N`` = decoder + LM-head matmul parameters, over the bf16 peak of the device.
+the trainer's own model-FLOP count (``trainer.flops_per_token``: ``6 N`` per token for each update's
+forward+backward plus ``2 N`` per extra forward, i.e. the DPO reference or the GRPO rollout),
+``N`` = decoder + LM-head matmul parameters, over the bf16 peak of the device.
 ``--configs 1b`` is the shape meant for this (compute in bf16, fp32 master weights).
 
 Examples::
@@ -203,7 +204,7 @@ def run_config(world: World, args: argparse.Namespace, kind: str, stage: Any) ->
                       f"train.max_length={PROMPT_BUCKET}", f"rl.group_size={args.group_size or shape.group_size}",
                       f"rl.max_new_tokens={args.max_new_tokens or shape.max_new_tokens}",
                       f"rl.temperature={rl.temperature}", f"rl.top_p={rl.top_p}", f"rl.top_k={rl.top_k}",
-                      f"rl.scale_rewards={rl.scale_rewards}"]
+                      f"rl.scale_rewards={rl.scale_rewards or 'group'}"]
     return load_config(None, overrides)
 
 
@@ -221,69 +222,44 @@ def ours_supervised(world: World, args: argparse.Namespace, kind: str, cfg: Any,
     from specs_jax.training.trainer import Trainer
 
     trainer = Trainer(cfg, kind)
-    factor = trainer.flops_factor()
 
     def step() -> dict[str, float]:
         start = time.perf_counter()
         metrics = trainer.train_step(batch)  # returns host floats: the step has finished
         seconds = time.perf_counter() - start
         return {"step": seconds, "loss": metrics["loss"], "tokens": trainer.last_tokens,
-                "flops": factor * world.n_matmul * trainer.last_tokens}
+                "flops": trainer.flops_per_token * trainer.last_tokens}
 
     return step, trainer.close
 
 
-class Phases:
-    """A timed GRPO step: ``rollout`` with a reward function that times the scoring, then the update."""
-
-    def __init__(self, world: World, group_size: int, scale: str):
-        from specs_jax.model import from_hf_dict
-
-        self.world, self.group_size, self.scale = world, group_size, scale
-        self.model_cfg = from_hf_dict(world.hf_dict)
-        self.seed = 0
-
-    def __call__(self, sampler: Any, sampling: Any, weights: Callable[[], Any], update: Callable[[dict], Any],
+def phase_record(t0: float, t1: float, t2: float, score_s: float, ro: Any, seqs: dict,
                  flops_per_token: float) -> dict[str, float]:
-        from specs_jax.rewards import score_batch
-        from specs_jax.training.grpo import rollout, rollout_sequences
-
-        scoring = {}
-
-        def reward(gen, answers):
-            start = time.perf_counter()
-            scores = score_batch(gen.texts, answers)
-            scoring["s"] = time.perf_counter() - start
-            return scores.total
-
-        self.seed += 1
-        prompts = self.world.prompts
-        t0 = time.perf_counter()
-        ro = rollout(sampler, prompts, group_size=self.group_size, params=sampling, seed=self.seed,
-                     weights=weights(), reward_fn=reward, scale=self.scale)
-        t1 = time.perf_counter()
-        seqs = rollout_sequences(self.model_cfg, prompts, ro, self.group_size)
-        update(seqs)
-        t2 = time.perf_counter()
-        gen = ro.generation
-        update_tokens = float(seqs["attention_mask"].sum())
-        return {"step": t2 - t0, "rollout": t1 - t0 - scoring["s"], "score": scoring["s"], "update": t2 - t1,
-                "tokens": float(gen.mask.sum() + gen.prompt_mask.sum()), "rollout_tokens": float(gen.mask.sum()),
-                "update_tokens": update_tokens, "columns": float(seqs["input_ids"].shape[1]),
-                "decode_steps": float(gen.tokens.shape[1]), "text_chars": float(np.mean([len(t) for t in gen.texts])),
-                "flops": flops_per_token * update_tokens}
+    """The timed record of one GRPO step (collect in ``[t0, t1]``, update in ``[t1, t2]``)."""
+    gen = ro.generation
+    tokens = float(gen.mask.sum() + gen.prompt_mask.sum())
+    return {"step": t2 - t0, "rollout": t1 - t0 - score_s, "score": score_s, "update": t2 - t1,
+            "tokens": tokens, "rollout_tokens": float(gen.mask.sum()),
+            "update_tokens": float(seqs["attention_mask"].sum()), "columns": float(seqs["input_ids"].shape[1]),
+            "decode_steps": float(gen.tokens.shape[1]), "text_chars": float(np.mean([len(t) for t in gen.texts])),
+            "flops": flops_per_token * tokens}
 
 
-def ours_grpo(world: World, args: argparse.Namespace, cfg: Any, phases: Phases) -> tuple[Callable, Callable]:
+def ours_grpo(world: World, args: argparse.Namespace, cfg: Any) -> tuple[Callable, Callable]:
+    """(step, close) of our GRPO step: ``RLTrainer.collect`` (rollout, scoring, advantages, accuracy filter)
+    then ``RLTrainer.update``, timed as the trainer runs them; model FLOPs from ``trainer.flops_per_token``."""
     from specs_jax.training.rl import RLTrainer
-    from specs_jax.training.state import join_params
 
     trainer = RLTrainer(cfg, "grpo", world.processor)
-    per_token = world.n_matmul * (6 + (2 if trainer.extra is not None else 0))
 
     def step() -> dict[str, float]:
-        return phases(trainer.sampler, trainer.sampling, lambda: join_params(trainer.state.params, trainer.state.frozen),
-                      trainer.update, per_token)
+        t0 = time.perf_counter()
+        collected = trainer.collect(world.prompts)
+        t1 = time.perf_counter()
+        trainer.update(collected.seqs)
+        t2 = time.perf_counter()
+        return phase_record(t0, t1, t2, collected.metrics["time/score_s"], collected.rollout, collected.seqs,
+                            trainer.flops_per_token)
 
     return step, trainer.close
 
@@ -436,9 +412,13 @@ class HFSampler:
                           np.repeat(ids, n, 0), np.repeat(mask, n, 0))
 
 
-def torch_grpo(world: World, args: argparse.Namespace, cfg: Any, phases: Phases) -> tuple[Callable, Callable]:
-    """(step, close) of the reference GRPO step: generate -> the same scoring -> torch update."""
+def torch_grpo(world: World, args: argparse.Namespace, cfg: Any) -> tuple[Callable, Callable]:
+    """(step, close) of the reference GRPO step: generate -> the same scoring -> torch update (model FLOPs
+    counted as ours: 2N per token for the rollout's forward + 6N for the update)."""
+    from specs_jax.model import from_hf_dict
+    from specs_jax.rewards import score_batch
     from specs_jax.sampling import SamplingParams
+    from specs_jax.training.grpo import rollout, rollout_sequences
 
     kwargs = cfg.loss.kwargs
     if kwargs.get("kl_coef", 0.01) != 0 or kwargs.get("loss_agg", "token-mean") != "token-mean" or \
@@ -463,8 +443,26 @@ def torch_grpo(world: World, args: argparse.Namespace, cfg: Any, phases: Phases)
         side.sync()
         return loss
 
+    model_cfg = from_hf_dict(world.hf_dict)
+    seeds = iter(range(1, 1 << 30))
+
     def step() -> dict[str, float]:
-        return phases(sampler, sampling, lambda: None, update, 6 * world.n_matmul)
+        scoring = {}
+
+        def reward(gen, answers):
+            start = time.perf_counter()
+            scores = score_batch(gen.texts, answers)
+            scoring["s"] = time.perf_counter() - start
+            return scores.total
+
+        t0 = time.perf_counter()
+        ro = rollout(sampler, world.prompts, group_size=rl.group_size, params=sampling, seed=next(seeds),
+                     reward_fn=reward, scale=rl.scale_rewards or "group")
+        seqs = rollout_sequences(model_cfg, world.prompts, ro, rl.group_size)
+        t1 = time.perf_counter()
+        update(seqs)
+        t2 = time.perf_counter()
+        return phase_record(t0, t1, t2, scoring["s"], ro, seqs, 8 * world.n_matmul)
 
     return step, side.close
 
@@ -589,12 +587,12 @@ def report(world: World, args: argparse.Namespace, results: dict[str, dict], int
         print("MFU: n/a on CPU")
         return
     parts = []
-    for kind, label in (("dpo", "DPO-hybrid step"), ("sft", "SFT step"), ("grpo", "GRPO update")):
+    for kind, label in (("dpo", "DPO-hybrid step"), ("sft", "SFT step"), ("grpo", "GRPO step")):
         for side, r in results.get(kind, {}).items():
-            seconds = median(r, "update" if kind == "grpo" else "step")
+            seconds = median(r, "step")
             devices = jax.device_count() if side == "specs-jax" else 1
             parts.append(f"{label} {side} {median(r, 'flops') / seconds / (peak * devices):.1%}")
-    print(f"MFU (model FLOPs 6N/token + 2N per extra forward, peak {peak / 1e12:.0f} TFLOP/s bf16 per device): "
+    print(f"MFU (model FLOPs of the trainer's count: 6N/token per update + 2N per extra or rollout forward, peak {peak / 1e12:.0f} TFLOP/s bf16 per device): "
           + ", ".join(parts))
 
 
@@ -616,11 +614,9 @@ def bench_config(name: str, args: argparse.Namespace, kinds: list[str], stages: 
                 factories["torch"] = lambda: torch_supervised(world, kind, cfg, batch)
         else:
             cfg = run_config(world, args, kind, grpo_stage)
-            factories = {"specs-jax": lambda: ours_grpo(world, args, cfg, Phases(world, cfg.rl.group_size,
-                                                                                   cfg.rl.scale_rewards))}
+            factories = {"specs-jax": lambda: ours_grpo(world, args, cfg)}
             if not args.skip_torch:
-                factories["torch"] = lambda: torch_grpo(world, args, cfg, Phases(world, cfg.rl.group_size,
-                                                                                   cfg.rl.scale_rewards))
+                factories["torch"] = lambda: torch_grpo(world, args, cfg)
         start = time.perf_counter()
         results[kind] = measure(factories, steps, interleave)
         print(f"[{name}] {kind}: measured in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)

@@ -341,7 +341,7 @@ def make_plan(args, mesh_sizes: dict[str, int]) -> dict:
         "params": shard_bytes(trained, shardings.params),
         "frozen_params": shard_bytes(frozen, shardings.frozen),
         "optimizer_state": shard_bytes(abstract.opt_state, shardings.opt_state),
-        "reference_params": shard_bytes(extra, extra_sh) if uses_reference else 0,
+        "reference_params": shard_bytes(extra, extra_sh) if algorithm.reference else 0,
         "batch": shard_bytes(batch, batch_sh),
     }
     inputs = shard_bytes(state, shardings) + parts["batch"] + parts["reference_params"]

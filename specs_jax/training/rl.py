@@ -151,9 +151,12 @@ class RLTrainer(Trainer):
             raise ValueError(f"prompt batch of {len(prompts['input_ids'])} rows, but train.batch_size="
                              f"{cfg.train.batch_size}")
         scores: list[RewardBatch] = []
+        score_s = [0.0]
 
         def reward(gen, answers):
+            start = time.perf_counter()
             scores.append(score_batch(gen.texts, answers))
+            score_s[0] = time.perf_counter() - start
             return scores[-1].total
 
         weights = join_params(self.state.params, self.state.frozen)
@@ -163,7 +166,8 @@ class RLTrainer(Trainer):
         keep = accuracy_filter_mask(scores[0].accuracy > 0, rl.group_size, rl.accuracy_filter)
         seqs = self.algorithm.sequences(prompts, ro)
         seqs["loss_mask"] = np.where(keep[:, None], seqs["loss_mask"], 0)
-        return Collected(seqs, ro, _scored(ro, scores[0], keep, rl.group_size))
+        metrics = {**_scored(ro, scores[0], keep, rl.group_size), "time/score_s": score_s[0]}
+        return Collected(seqs, ro, metrics)
 
     def _refresh(self, prepared: Any) -> Any:
         """The step batch after the algorithm's :meth:`refresh` with the current policy (once per rollout)."""
