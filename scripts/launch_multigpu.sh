@@ -6,6 +6,8 @@
 #
 # With NODES > 1 it starts one process per node with srun; mesh.distributed=true makes each call
 # jax.distributed.initialize(), which reads the coordinator and ranks from SLURM's environment.
+# Outside SLURM, give every process the explicit settings instead: mesh.coordinator_address=HOST0:PORT
+# mesh.num_processes=N mesh.process_id=I (see scripts/launch_local.sh for the same on one CPU machine).
 # train.output_dir / checkpoint.dir must be on a file system shared by the nodes.
 set -euo pipefail
 if [ $# -lt 2 ]; then

@@ -145,15 +145,21 @@ def test_order_is_deterministic_by_seed(processor, image_folder):
     assert np.concatenate([b["row_id"] for b in unshuffled]).tolist() == list(range(11))
 
 
-def test_shards_are_disjoint_and_cover_the_data(processor, image_folder):
+def test_processes_together_see_the_rows_of_one_process_in_its_order(processor, image_folder):
     root, _ = image_folder
     rows = load_rows(root / "metadata.jsonl")
-    shards = [
-        np.concatenate([b["row_id"] for b in rl_batches(rows, processor, _config(root, shard_index=k, shard_count=2))])
-        for k in range(2)
-    ]
-    assert not set(shards[0]) & set(shards[1])
-    assert sorted([*shards[0], *shards[1]]) == list(range(11))
+    good = np.concatenate([b["row_id"] for b in rl_batches(rows, processor, _config(root, shuffle=False))])
+    rows = rows.select(sorted(good.tolist()))  # no skipped row: a skip is replaced within its process
+
+    def row_ids(batch_size, **kw):
+        config = _config(root, seed=5, num_epochs=2, batch_size=batch_size, drop_remainder=True, **kw)
+        return [b["row_id"].tolist() for b in rl_batches(rows, processor, config)]
+
+    one = row_ids(4)
+    parts = [row_ids(2, shard_index=k, shard_count=2) for k in range(2)]
+    assert len(one) == len(parts[0]) == len(parts[1]) == 2 * len(rows) // 4  # two epochs, global batches of 4
+    assert [a + b for a, b in zip(*parts)] == one
+    assert not set(parts[0][0]) & set(parts[1][0])
 
 
 def test_resume_from_saved_state_reproduces_the_remaining_batches(processor, image_folder, tmp_path):

@@ -44,11 +44,12 @@ Every batch feeds ``specs_jax.model.prepare_inputs(cfg, input_ids, attention_mas
 pixel_values, image_grid_thw)`` for a model configured with
 :func:`~specs_jax.data.tokenizer.model_token_fields`.
 
-Order and resumption: the source is sharded ``shard_index::shard_count`` (disjoint rows per
-host), shuffled with ``seed`` by grain (each epoch differently) and repeated ``num_epochs``
-times; then rows are processed (``read_threads`` threads) and batched. With finite epochs,
-shards of unequal size give hosts unequal batch counts: use ``num_epochs=None`` on several
-hosts and stop by step count. The iterator is a
+Order and resumption: the source is shuffled with ``seed`` by grain (each epoch differently) and
+repeated ``num_epochs`` times: that is the global order, the same for any number of processes.
+Process ``shard_index`` of ``shard_count`` takes its ``batch_size`` rows of each global batch of
+``batch_size * shard_count`` rows, so the processes together see exactly the rows, in the same
+order, that one process sees (as long as no row is skipped: a skipped row is replaced by the next
+row of the same process). Rows are then processed (``read_threads`` threads) and batched. The iterator is a
 ``grain.DatasetIterator``: ``get_state()``/``set_state()`` (or grain's checkpoint handler)
 resume exactly where it stopped, skip counts included.
 
@@ -372,6 +373,29 @@ class BatchIterator(grain.DatasetIterator):
         self._skipped = Counter(state["skipped"])
 
 
+class _ProcessSlice(grain.MapDataset):
+    """Process ``index`` of ``count``'s rows of the global order: global batch ``k`` is the parent's elements
+    ``[k * B, (k + 1) * B)`` (``B = batch * count``) and this process takes its ``batch`` of them,
+    ``[k * B + index * batch, k * B + (index + 1) * batch)``. So ``count`` processes together see exactly the
+    rows, in the same order, that one process with batches of ``B`` sees."""
+
+    def __init__(self, parent: grain.MapDataset, batch: int, count: int, index: int):
+        super().__init__(parent)
+        self._batch, self._count, self._index = batch, count, index
+
+    def __len__(self) -> int:
+        return len(self._parent) // self._count
+
+    def __getitem__(self, j):
+        if isinstance(j, slice):
+            return self.slice(j)
+        k, r = divmod(j, self._batch)
+        return self._parent[(k * self._count + self._index) * self._batch + r]
+
+    def __str__(self) -> str:
+        return f"_ProcessSlice(batch={self._batch}, count={self._count}, index={self._index})"
+
+
 class _Batch(grain.IterDataset):
     def __init__(self, parent: grain.IterDataset, batch_size: int, drop_remainder: bool,
                  collate_fn: Callable[[list[dict[str, Any]]], dict[str, Any]], n_rows: int):
@@ -411,11 +435,12 @@ def batches(rows: datasets.Dataset, processor: Processor, config: DataConfig, mo
 
     n_rows = len(rows)  # indices of later epochs run past the source length: reduce them to row ids
     ds = grain.MapDataset.source(rows).map_with_index(lambda i, row: (i % n_rows, row))
-    ds = ds[config.shard_index::config.shard_count]
-    n_shard = len(ds)
     if config.shuffle:
         ds = ds.shuffle(seed=config.seed)
     ds = ds.repeat(config.num_epochs)
+    if config.shard_count > 1:
+        ds = _ProcessSlice(ds, config.batch_size, config.shard_count, config.shard_index)
+    n_shard = max(n_rows // config.shard_count, 1)
     ds = ds.map(lambda item: process(*item))
     options = grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.prefetch)
     batched = _Batch(ds.to_iter_dataset(options), config.batch_size, config.drop_remainder,

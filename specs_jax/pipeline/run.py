@@ -59,15 +59,6 @@ def _stage(root: Path, name: str, fn: Callable[[Path], dict], timings: dict) -> 
 # ---------------------------------------------------------------------------------- training
 
 
-def _batches(data_kind: str, rcfg, processor, path: Path, system_prompt: str, columns=None, image_root=None):
-    from specs_jax.data.pipeline import Columns, DataConfig, batches, load_rows
-
-    pipe = DataConfig(columns=columns or Columns(), batch_size=rcfg.train.batch_size,
-                      buckets=tuple(rcfg.data.buckets) or (rcfg.train.max_length,), seed=rcfg.train.seed,
-                      num_epochs=None, system_prompt=system_prompt, image_root=image_root, read_threads=1)
-    return batches(load_rows(path), processor, pipe, data_kind)
-
-
 def _save_model(trainer, processor, out: Path) -> Path:
     """Export the trainer's current parameters (+ processor) as an HF model directory."""
     from specs_jax.convert.io import save_model
@@ -80,17 +71,24 @@ def _save_model(trainer, processor, out: Path) -> Path:
 
 
 def _train(kind: str, rcfg, processor, data_path: Path, out: Path, system_prompt: str, model=None,
-           **data_kwargs) -> dict:
-    """Train one stage to ``rcfg.train.steps`` (resuming its checkpoints), export ``out/model``."""
-    from specs_jax.training.rl import make_trainer
+           columns=None, image_root: str | None = None) -> dict:
+    """Train one stage to ``rcfg.train.steps`` (resuming its checkpoints) on the rows of ``data_path``,
+    export ``out/model``."""
+    from specs_jax.training.assemble import assemble_run
 
-    trainer = make_trainer(rcfg, kind, processor, model=model)
-    data = _batches(trainer.algorithm.data, rcfg, processor, data_path, system_prompt, **data_kwargs)
-    history = trainer.fit(data, resume=True)
-    trainer.close()
-    _save_model(trainer, processor, out / "model")
+    processor_dir = rcfg.data.processor
+    if rcfg.model.path is None and processor_dir is None:  # a model built in memory: its processor goes to disk
+        processor_dir = str(out / "processor")
+        processor.save_pretrained(processor_dir)
+    data = dataclasses.replace(rcfg.data, source="files", train_path=str(data_path), image_root=image_root,
+                               system_prompt=system_prompt, processor=processor_dir,
+                               columns=dataclasses.asdict(columns) if columns is not None else {})
+    run = assemble_run(dataclasses.replace(rcfg, data=data), kind, processor, model)
+    history = run.trainer.fit(run.data, resume=True)
+    run.trainer.close()
+    _save_model(run.trainer, processor, out / "model")
     last = history[-1] if history else {}
-    return {"steps": trainer.loop_step, "last": last, "skipped_rows": dict(getattr(data, "skipped", {}) or {})}
+    return {"steps": run.trainer.loop_step, "last": last, "skipped_rows": dict(getattr(run.data, "skipped", {}) or {})}
 
 
 def _stage_run_config(cfg: PipelineConfig, stage: str, out: Path, seed: int, model_path: str | None,

@@ -103,7 +103,8 @@ class Checkpointer:
 def export_hf(checkpoint_dir: str | os.PathLike, model_cfg: ModelConfig, out_dir: str | os.PathLike,
               step: int | None = None, overwrite: bool = False) -> Path:
     """Write the parameters of a training checkpoint (default: latest step) as an HF model directory
-    (:func:`specs_jax.convert.io.save_model` with ``fmt="hf"``); only the ``params`` item is read."""
+    (:func:`specs_jax.convert.io.save_model` with ``fmt="hf"``); only the ``params`` item is read. In a
+    multi-process job every process calls it (Orbax restores collectively) and process 0 writes."""
     manager = ocp.CheckpointManager(Path(checkpoint_dir).absolute(), item_names=ITEMS,
                                     options=ocp.CheckpointManagerOptions(read_only=True))
     step = manager.latest_step() if step is None else step
@@ -111,6 +112,8 @@ def export_hf(checkpoint_dir: str | os.PathLike, model_cfg: ModelConfig, out_dir
         raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}")
     restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
     manager.close()
+    if jax.process_index() != 0:  # every process of a job takes part in the restore; process 0 writes
+        return Path(out_dir)
     params = nnx.restore_int_paths(join_params(restored.params["trained"], restored.params["frozen"]))
     model = model_from_params(nnx.graphdef(abstract_model(model_cfg)), params)
     return save_model(model, out_dir, fmt="hf", overwrite=overwrite)

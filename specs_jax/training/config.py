@@ -61,6 +61,10 @@ class MeshConfig:
     tensor: int = 1
     rules: dict = dataclasses.field(default_factory=dict)
     distributed: bool = False  # call jax.distributed.initialize() when a multi-host job is detected
+    coordinator_address: str | None = None  # explicit multi-process job: "host:port" of process 0
+    num_processes: int | None = None  # explicit: processes of the job (with coordinator_address)
+    process_id: int | None = None  # explicit: this process's index, 0 .. num_processes - 1
+    heartbeat_timeout_s: int = 100  # a process silent this long is declared dead: the others stop with an error
 
 
 @dataclasses.dataclass
@@ -211,6 +215,13 @@ def validate(cfg: RunConfig) -> None:
     for key in POSITIVE:
         if flat[key] < 1:
             raise ConfigError(f"config key {key!r} must be >= 1, got {flat[key]}")
+    explicit = (cfg.mesh.coordinator_address, cfg.mesh.num_processes, cfg.mesh.process_id)
+    if any(x is not None for x in explicit) and any(x is None for x in explicit):
+        raise ConfigError("config keys 'mesh.coordinator_address', 'mesh.num_processes' and 'mesh.process_id' go "
+                          f"together (set all three or none), got {explicit}")
+    if cfg.mesh.num_processes is not None and not 0 <= cfg.mesh.process_id < cfg.mesh.num_processes:
+        raise ConfigError(f"config key 'mesh.process_id' must be in [0, mesh.num_processes={cfg.mesh.num_processes}), "
+                          f"got {cfg.mesh.process_id}")
     if cfg.train.batch_size % cfg.optim.grad_accum_steps:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by "
                           f"optim.grad_accum_steps={cfg.optim.grad_accum_steps}")

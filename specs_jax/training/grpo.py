@@ -37,7 +37,7 @@ from specs_jax.training.steps import LossSpec, StepContext, sequence_logps
 
 __all__ = ["GRPO", "ScoredRollout", "grpo_spec", "rollout", "rollout_sequences", "specs_rewards"]
 
-IS_OPTION = "importance_sampling"  # the GRPO-family option of the sampler/trainer importance correction
+IS_OPTION = "sampler_is_mode"  # the GRPO-family option of the sampler/trainer importance correction
 
 RewardFn = Callable[[Generation, Sequence[str]], np.ndarray]
 

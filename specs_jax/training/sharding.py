@@ -10,19 +10,23 @@ already used by an earlier dimension of the same array, stays replicated.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+if TYPE_CHECKING:
+    from specs_jax.training.config import MeshConfig
+
 __all__ = [
     "BATCH_AXES", "DEFAULT_RULES", "MESH_AXES", "batch_spec", "logical_to_spec", "make_mesh", "make_rules",
-    "maybe_initialize_distributed", "param_shardings", "process_batch_slice", "tree_shardings_like",
+    "check_processes_agree", "initialize_processes", "param_shardings", "process_batch_slice", "tree_shardings_like",
 ]
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -139,12 +143,46 @@ MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_NTASKS
                  "TPU_WORKER_HOSTNAMES", "CLOUD_TPU_TASK_ID", "MEGASCALE_COORDINATOR_ADDRESS")
 
 
-def maybe_initialize_distributed(enabled: bool) -> bool:
-    """``jax.distributed.initialize()`` (auto-detected cluster) when ``enabled`` and one of
-    :data:`MULTIHOST_ENV` says this is a multi-process job; returns whether it initialised."""
-    if not enabled or not any(os.environ.get(k) for k in MULTIHOST_ENV):
-        return False
-    if os.environ.get("SLURM_NTASKS") == "1" or os.environ.get("OMPI_COMM_WORLD_SIZE") == "1":
-        return False
-    jax.distributed.initialize()
+def initialize_processes(cfg: MeshConfig) -> bool:
+    """Join a multi-process job (one process per host, or several on one CPU machine) before JAX starts its
+    backend; returns whether this is one.
+
+    Explicit: ``cfg.coordinator_address`` / ``num_processes`` / ``process_id`` (any cluster; N local CPU
+    processes). Auto-detected: with ``cfg.distributed`` and one of :data:`MULTIHOST_ENV` set (Cloud TPU,
+    SLURM, OpenMPI, GKE), ``jax.distributed.initialize()`` reads the coordinator and ranks itself. On CPU the
+    processes' collectives go over gloo. A process that stops answering for ``heartbeat_timeout_s`` makes
+    every other one stop with an error (no hang). Calling it again in the same process is a no-op.
+    """
+    if jax.distributed.is_initialized():
+        return True
+    explicit = cfg.coordinator_address is not None
+    if not explicit:
+        if not cfg.distributed or not any(os.environ.get(k) for k in MULTIHOST_ENV):
+            return False
+        if os.environ.get("SLURM_NTASKS") == "1" or os.environ.get("OMPI_COMM_WORLD_SIZE") == "1":
+            return False
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # only read by the CPU backend
+    kwargs = dict(heartbeat_timeout_seconds=cfg.heartbeat_timeout_s)
+    if explicit:
+        kwargs.update(coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes,
+                      process_id=cfg.process_id)
+    jax.distributed.initialize(**kwargs)
     return True
+
+
+def check_processes_agree(**values: Any) -> None:
+    """Every process of the job holds the same ``values`` (e.g. the config hash, the data size), else a
+    ``ValueError`` on every process naming the keys that differ and each process's value."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    keys = sorted(values)
+    digests = np.array([int.from_bytes(hashlib.sha256(repr(values[k]).encode()).digest()[:4], "little")
+                        for k in keys], np.int64)
+    every = np.asarray(multihost_utils.process_allgather(digests))  # [processes, keys]
+    differ = [k for i, k in enumerate(keys) if len(set(every[:, i].tolist())) > 1]
+    if differ:
+        raise ValueError(f"the {jax.process_count()} processes of this job disagree on {differ} (this process, "
+                         f"{jax.process_index()}: {({k: values[k] for k in differ})}); start every process with the "
+                         "same config and data")

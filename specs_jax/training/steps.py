@@ -61,16 +61,16 @@ def sequence_logps(model: nnx.Module, seq: SeqBatch, temperature: float = 1.0) -
 
 
 def batch_shardings(batch: SeqBatch, mesh: Mesh) -> SeqBatch:
-    """Shardings of a stacked batch: rows (axis 1; axis 2 of ``positions [A, 3, b, T]``) over the
-    ``(data, fsdp)`` axes, image arrays replicated."""
+    """Shardings of a stacked, process-local batch: rows (axis 1; axis 2 of ``positions [A, 3, b, T]``) over
+    the ``(data, fsdp)`` axes, image arrays replicated."""
     def rows(axis: int, x) -> NamedSharding:
         return NamedSharding(mesh, batch_spec(x.ndim, axis))
 
     replicated = NamedSharding(mesh, PartitionSpec())
-    n = mesh.shape["data"] * mesh.shape["fsdp"]
-    if batch.labels.shape[1] % n:
-        raise ValueError(f"micro-batch of {batch.labels.shape[1]} rows is not divisible by the data x fsdp "
-                         f"mesh size {n}")
+    n, p = mesh.shape["data"] * mesh.shape["fsdp"], jax.process_count()
+    if (batch.labels.shape[1] * p) % n:
+        raise ValueError(f"micro-batch of {batch.labels.shape[1]} rows per process x {p} process(es) is not "
+                         f"divisible by the data x fsdp mesh size {n}")
     inputs = batch.inputs
     vision = None if inputs.vision is None else jax.tree.map(lambda _: replicated, inputs.vision)
     return SeqBatch(

@@ -64,10 +64,25 @@ def random_dpo_batch(cfg: ModelConfig, rs: np.random.RandomState, batch: int, le
     return {**out, **{k: np.concatenate([v, v]) for k, v in images.items()}}
 
 
+def _process_rows(batch: dict[str, np.ndarray], pairs: bool, count: int, index: int,
+                  patches_per_row: int) -> dict[str, np.ndarray]:
+    """Process ``index`` of ``count``'s share of a global batch: its ``1/count`` of the rows (of the chosen and
+    of the rejected halves, for pairs) and their image patches (``patches_per_row`` each)."""
+    n = len(batch["input_ids"])
+    blocks = [np.arange(n // 2), np.arange(n // 2, n)] if pairs else [np.arange(n)]
+    rows = np.concatenate([np.array_split(b, count)[index] for b in blocks])
+    out = {k: v[rows] for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
+    if "pixel_values" in batch:
+        patches = (rows[:, None] * patches_per_row + np.arange(patches_per_row)[None]).reshape(-1)
+        out.update(pixel_values=batch["pixel_values"][patches], image_grid_thw=batch["image_grid_thw"][rows])
+    return out
+
+
 class SyntheticSource:
-    """An endless, resumable iterator of random batches: batch ``k`` depends only on ``(seed, k)``, or on
-    ``(seed, k mod num_batches)`` when ``num_batches > 0`` (1: the same batch every step), and on the
-    process index ``process`` (each host draws its own rows).
+    """An endless, resumable iterator of random batches: global batch ``k`` depends only on ``(seed, k)``, or
+    on ``(seed, k mod num_batches)`` when ``num_batches > 0`` (1: the same batch every step); process
+    ``process`` of ``process_count`` gets its ``batch`` rows of it (its slice of the global batch of
+    ``batch * process_count`` rows), so any number of processes sees the rows one process sees.
 
     ``get_state()`` is ``{"next": k}`` (JSON); ``set_state(state)`` continues from batch ``k`` (grain's
     iterator protocol, as the :mod:`specs_jax.data.pipeline` iterators).
@@ -75,14 +90,14 @@ class SyntheticSource:
 
     def __init__(self, cfg: ModelConfig, kind: str, batch: int, length: int, seed: int = 0,
                  response_fraction: float = 0.5, image_grid: tuple[int, int, int] | None = None,
-                 num_batches: int = 0, process: int = 0):
+                 num_batches: int = 0, process: int = 0, process_count: int = 1):
         makers = {"sft": random_sft_batch, "preference": random_dpo_batch}
         if kind not in makers:
             raise ValueError(f"synthetic data of kind {kind!r}; expected one of {sorted(makers)} (Algorithm.data)")
-        self._make = makers[kind]
+        self._make, self.pairs = makers[kind], kind == "preference"
         self.cfg, self.batch, self.length, self.seed = cfg, batch, length, seed
         self.response_fraction, self.image_grid = response_fraction, image_grid
-        self.num_batches, self.process = num_batches, process
+        self.num_batches, self.process, self.process_count = num_batches, process, process_count
         self.next = 0
 
     def __iter__(self) -> SyntheticSource:
@@ -90,9 +105,14 @@ class SyntheticSource:
 
     def __next__(self) -> dict[str, np.ndarray]:
         k = self.next % self.num_batches if self.num_batches else self.next
-        rs = np.random.RandomState([self.seed, self.process, k])
+        rs = np.random.RandomState([self.seed, k])
         self.next += 1
-        return self._make(self.cfg, rs, self.batch, self.length, self.response_fraction, self.image_grid)
+        batch = self._make(self.cfg, rs, self.batch * self.process_count, self.length, self.response_fraction,
+                           self.image_grid)
+        if self.process_count == 1:
+            return batch
+        patches = int(np.prod(self.image_grid)) if self.image_grid is not None else 0
+        return _process_rows(batch, self.pairs, self.process_count, self.process, patches)
 
     def get_state(self) -> dict[str, Any]:
         return {"next": self.next}

@@ -24,7 +24,7 @@ from specs_jax.training.batches import SeqBatch
 from specs_jax.training.checkpoint import Checkpointer
 from specs_jax.training.config import RunConfig, to_dict
 from specs_jax.training.logging import MetricLogger, check_finite
-from specs_jax.training.sharding import make_mesh, make_rules, maybe_initialize_distributed
+from specs_jax.training.sharding import initialize_processes, make_mesh, make_rules
 from specs_jax.training.state import (
     FROZEN_VISION_PATH,
     create_state,
@@ -84,7 +84,7 @@ class Trainer:
             raise ValueError(f"training kind {kind!r} trains on {algorithm_cls.data} batches: it runs in {loop} "
                              f"(specs_jax.training.rl.make_trainer picks the loop), not {type(self).__name__}")
         self.cfg, self.kind = cfg, kind
-        maybe_initialize_distributed(cfg.mesh.distributed)
+        initialize_processes(cfg.mesh)
         self.mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor) if mesh is None else mesh
         rules = make_rules(cfg.mesh.rules)
         model = build_model(cfg) if model is None else model

@@ -1,0 +1,97 @@
+"""Several processes on this CPU form one job (gloo collectives, ``mesh.coordinator_address``): 2 processes x 4
+devices train exactly as 1 process x 8 devices (the same rows in the same order, the same losses and final
+parameters), and a job whose processes disagree, or whose batch does not split over them, stops with an error
+naming the numbers. Each run is the ``specs-jax train`` command a user types, one per process."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 900
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args: list[str], processes: int, devices: int, out: Path) -> list[subprocess.CompletedProcess]:
+    """Run ``specs-jax ARGS`` as ``processes`` local processes of ``devices`` CPU devices each."""
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    extra = [[]]
+    if processes > 1:
+        port = free_port()
+        extra = [[f"mesh.coordinator_address=127.0.0.1:{port}", f"mesh.num_processes={processes}",
+                  f"mesh.process_id={i}", "mesh.heartbeat_timeout_s=30"] for i in range(processes)]
+    procs = [subprocess.Popen([sys.executable, "-m", "specs_jax.cli.main", *args, f"train.output_dir={out}", *e],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for e in extra]
+    results = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=TIMEOUT)
+        results.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    return results
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_args(kind: str, hf: Path) -> list[str]:
+    config = {"sft": "sft_tiny", "dpo": "dpo_tiny"}[kind]
+    return ["train", kind, "--export-hf", str(hf), "--config", f"configs/{config}.yaml", "train.steps=3",
+            "train.batch_size=8", "optim.grad_accum_steps=1", "data.image_grid=[]", "mesh.data=2", "mesh.fsdp=4",
+            "checkpoint.async_save=false", "log.tensorboard=false"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_two_processes_train_as_one(kind, tmp_path):
+    one = launch(train_args(kind, tmp_path / "hf1"), 1, 8, tmp_path / "one")
+    two = launch(train_args(kind, tmp_path / "hf2"), 2, 4, tmp_path / "two")
+    for r in (*one, *two):
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert f"train {kind}: steps 1..3" in two[0].stdout and "train" not in two[1].stdout  # process 0 reports
+    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [x["step"] for x in b] == [1, 2, 3]
+    np.testing.assert_allclose([x["loss"] for x in b], [x["loss"] for x in a], rtol=0, atol=1e-5)
+    np.testing.assert_allclose([x["grad_norm"] for x in b], [x["grad_norm"] for x in a], rtol=1e-5)
+    p1, p2 = load_file(tmp_path / "hf1" / "model.safetensors"), load_file(tmp_path / "hf2" / "model.safetensors")
+    assert p1.keys() == p2.keys()
+    worst = max(float(np.abs(p1[k] - p2[k]).max()) for k in p1)
+    assert worst < 1e-5, worst
+
+
+@pytest.mark.slow
+def test_a_batch_that_does_not_split_over_the_processes_is_refused(tmp_path):
+    args = [*train_args("sft", tmp_path / "hf"), "train.batch_size=3", "mesh.data=1", "mesh.fsdp=-1"]
+    runs = launch(args, 2, 1, tmp_path / "out")
+    for r in runs:
+        assert r.returncode == 2
+        assert "global batch 3 is not divisible by the 2 processes" in r.stderr
+
+
+@pytest.mark.slow
+def test_processes_with_different_configs_stop_with_the_difference_named(tmp_path):
+    port = free_port()
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen([sys.executable, "-m", "specs_jax.cli.main", *train_args("sft", tmp_path / "hf"),
+                               "mesh.data=1", "mesh.fsdp=-1", f"optim.lr={lr}", f"train.output_dir={tmp_path / 'o'}",
+                               f"mesh.coordinator_address=127.0.0.1:{port}", "mesh.num_processes=2",
+                               f"mesh.process_id={i}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i, lr in enumerate(["1e-3", "2e-3"])]
+    for p in procs:
+        _, stderr = p.communicate(timeout=TIMEOUT)
+        assert p.returncode == 2
+        assert "processes of this job disagree on ['config']" in stderr
