@@ -48,14 +48,39 @@ def _calls(x: dict) -> dict:
             x["logps"],
         ),
         "grpo-no-ref": (lambda lp: get_loss("grpo")(lp, None, None, jnp.ones(B), x["mask"], kl_coef=0.0), x["logps"]),
+        **{
+            name: (
+                lambda lp, name=name: get_loss(name)(
+                    lp,
+                    x["zeros"],
+                    x["zeros"],
+                    jnp.array([1.0, -1.0, 2.0, -2.0]),
+                    x["mask"],
+                    sampler_is_mode=mode,
+                    sampler_logps=x["logps"][::-1],
+                    logits=x["logits"],
+                ),
+                x["logps"],
+            )
+            for name, mode in (("dr_grpo", "token_mask"), ("gspo", "sequence_truncate"), ("cispo", "token_truncate"))
+        },
+        **{
+            f"dpo_hybrid-{loss_type}": (
+                lambda lp, loss_type=loss_type: get_loss("dpo_hybrid")(
+                    lp, x["zeros"], x["zeros"], lp[::-1], x["mask"], x["mask"], loss_type=loss_type
+                ),
+                x["logps"],
+            )
+            for loss_type in ("ipo", "hinge", "robust")
+        },
         "opsd": (lambda s: get_loss("opsd")(s, x["teachers"][0], x["mask"], divergence="jsd", top_k=4), x["logits"]),
         "vigos": (lambda s: get_loss("vigos")(s, x["teachers"], index, x["mask"], token_clip=None), x["logits"]),
     }
 
 
 def test_registry_lists_every_loss_and_names_the_known_ones_on_error():
-    assert list_losses() == ["dpo_hybrid", "grpo", "opsd", "vigos"]
-    with pytest.raises(ValueError, match=r"unknown loss 'ppo'.*dpo_hybrid.*grpo.*opsd.*vigos"):
+    assert list_losses() == ["cispo", "dpo_hybrid", "dr_grpo", "grpo", "gspo", "opsd", "vigos"]
+    with pytest.raises(ValueError, match=r"unknown loss 'ppo'.*cispo.*dpo_hybrid.*dr_grpo.*grpo.*gspo.*opsd.*vigos"):
         get_loss("ppo")
     with pytest.raises(ValueError, match="already registered"):
         register_loss("grpo")(lambda: None)
@@ -75,7 +100,22 @@ def test_register_a_new_loss_with_one_function():
         del registry._LOSSES["test_mean_nll"]
 
 
-@pytest.mark.parametrize("name", ["dpo_hybrid", "grpo", "grpo-no-ref", "opsd", "vigos"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "dpo_hybrid",
+        "dpo_hybrid-ipo",
+        "dpo_hybrid-hinge",
+        "dpo_hybrid-robust",
+        "grpo",
+        "grpo-no-ref",
+        "dr_grpo",
+        "gspo",
+        "cispo",
+        "opsd",
+        "vigos",
+    ],
+)
 def test_jits_with_finite_gradients_on_extreme_inputs(name):
     fn, arg = _calls(_extreme_inputs())[name]
     (loss, metrics), grad = jax.jit(jax.value_and_grad(fn, has_aux=True))(arg)

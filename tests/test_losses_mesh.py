@@ -18,7 +18,8 @@ def test_losses_on_sharded_batch_match_unsharded():
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"devices={N_DEVICES}" in proc.stdout
-    for name in ("dpo_hybrid", "grpo", "opsd", "vigos", "token_logps_from_hidden"):
+    for name in ("dpo_hybrid", "dpo_hybrid-ipo", "grpo", "dr_grpo", "gspo", "cispo", "opsd", "vigos",
+                 "token_logps_from_hidden"):
         assert f"ok {name}" in proc.stdout, proc.stdout
 
 
@@ -46,7 +47,20 @@ def _main() -> None:
 
     cases = {
         "dpo_hybrid": (lambda x: get_loss("dpo_hybrid")(x, logps[1], logps[2], logps[0], mask, mask)[0], logps[0]),
+        "dpo_hybrid-ipo": (
+            lambda x: get_loss("dpo_hybrid")(x, logps[1], logps[2], logps[0], mask, mask, loss_type="ipo")[0],
+            logps[0],
+        ),
         "grpo": (lambda x: get_loss("grpo")(x, logps[1], logps[2], adv, mask, dual_clip=3.0)[0], logps[0]),
+        **{
+            name: (
+                lambda x, name=name, mode=mode: get_loss(name)(
+                    x, logps[1], logps[2], adv, mask, sampler_is_mode=mode, sampler_logps=logps[2]
+                )[0],
+                logps[0],
+            )
+            for name, mode in (("dr_grpo", "token_truncate"), ("gspo", "sequence_mask"), ("cispo", "token_mask"))
+        },
         "opsd": (lambda x: get_loss("opsd")(x, logits[1], mask, divergence="jsd")[0], logits[0]),
         "vigos": (lambda x: get_loss("vigos")(x, logits[1:], index, mask, token_clip=None)[0], logits[0]),
         "token_logps_from_hidden": (

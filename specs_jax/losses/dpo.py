@@ -1,4 +1,5 @@
-"""DPO-hybrid loss of SPECS stage 2: sigmoid DPO plus an SFT (NLL) term on the chosen response."""
+"""DPO-hybrid loss of SPECS stage 2: a preference loss (sigmoid DPO, IPO, hinge, robust) plus an SFT
+(NLL) term on the chosen response."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from specs_jax.losses.registry import register_loss
 __all__ = ["dpo_hybrid_loss"]
 
 SFT_NORMS = ("token", "sequence")
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
 
 
 @register_loss("dpo_hybrid")
@@ -26,15 +28,28 @@ def dpo_hybrid_loss(
     sft_weight: float = 1.0,
     sft_norm: str = "token",
     label_smoothing: float = 0.0,
+    loss_type: str = "sigmoid",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """``L = L_DPO + sft_weight * L_SFT`` from per-token log-probs.
+    """``L = L_pref + sft_weight * L_SFT`` from per-token log-probs.
 
     With sequence log-probs ``pi_c = sum_t policy_chosen_logps * chosen_mask`` (likewise
-    ``pi_r``, ``ref_c``, ``ref_r``) and ``h = (pi_c - ref_c) - (pi_r - ref_r)``::
+    ``pi_r``, ``ref_c``, ``ref_r``; each ``[B]``), ``h = (pi_c - ref_c) - (pi_r - ref_r)`` and
+    ``e = label_smoothing``, the preference loss is a mean over the ``B`` pairs,
+    ``L_pref = mean_b[l_b]``, with ``l_b`` by ``loss_type`` (TRL ``DPOTrainer`` loss types):
 
-        L_DPO = mean_b[ -(1 - ls) * log sigmoid(beta * h) - ls * log sigmoid(-beta * h) ]
+    - ``"sigmoid"`` (DPO): ``-(1 - e) log sigmoid(beta h) - e log sigmoid(-beta h)``; ``e > 0`` is
+      conservative DPO (cDPO, the sigmoid loss of earlier TRL releases), ``e = 0``
+      plain DPO (TRL 1.x ``sigmoid``);
+    - ``"ipo"`` (IPO, Azar et al. 2023, on length-averaged log-ratios as TRL):
+      ``(d - 1 / (2 beta))^2`` with ``d = (pi_c - ref_c) / n_c - (pi_r - ref_r) / n_r``,
+      ``n = max(sum_t mask, 1)``;
+    - ``"hinge"`` (SLiC): ``relu(1 - beta h)``;
+    - ``"robust"`` (rDPO, Chowdhury et al. 2024, an unbiased loss under label noise ``e``):
+      ``(-(1 - e) log sigmoid(beta h) + e log sigmoid(-beta h)) / (1 - 2 e)``.
 
-    (``ls = label_smoothing``: conservative DPO, TRL's sigmoid loss; ``ls = 0`` is plain DPO).
+    ``label_smoothing`` applies to ``sigmoid`` and ``robust`` only (nonzero with ``ipo`` or
+    ``hinge`` is refused). Since every type is a mean over pairs, a micro-batch of ``b`` of the
+    ``B`` pairs contributes ``(b / B) * L_pref`` of the whole batch's value.
     ``L_SFT`` is the NLL of the chosen response only:
 
     - ``sft_norm="token"``: ``-sum(policy_chosen_logps * chosen_mask) / sum(chosen_mask)`` (TRL);
@@ -52,6 +67,7 @@ def dpo_hybrid_loss(
       sft_weight: lambda, weight of ``L_SFT``.
       sft_norm: ``"token"`` or ``"sequence"``.
       label_smoothing: probability that a preference label is flipped, in ``[0, 0.5)``.
+      loss_type: ``"sigmoid"``, ``"ipo"``, ``"hinge"`` or ``"robust"``.
 
     Returns:
       ``(loss, metrics)``; metrics are batch means: ``rewards/chosen`` = beta*(pi_c - ref_c),
@@ -60,8 +76,11 @@ def dpo_hybrid_loss(
     """
     fn = "dpo_hybrid_loss"
     check_choice(fn, "sft_norm", sft_norm, SFT_NORMS)
+    check_choice(fn, "loss_type", loss_type, LOSS_TYPES)
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"{fn}: label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if label_smoothing and loss_type in ("ipo", "hinge"):
+        raise ValueError(f"{fn}: label_smoothing ({label_smoothing}) does not apply to loss_type {loss_type!r}")
     check_shapes(fn, chosen_mask.shape, policy_chosen_logps=policy_chosen_logps, ref_chosen_logps=ref_chosen_logps)
     check_shapes(
         fn, rejected_mask.shape, policy_rejected_logps=policy_rejected_logps, ref_rejected_logps=ref_rejected_logps
@@ -78,15 +97,25 @@ def dpo_hybrid_loss(
     ref_r = jax.lax.stop_gradient(masked_sum(ref_rejected_logps, rejected_mask, axis=-1))
 
     h = (pi_c - ref_c) - (pi_r - ref_r)
-    dpo = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(beta * h) - label_smoothing * jax.nn.log_sigmoid(-beta * h)
-
     n_chosen = jnp.sum(chosen_mask.astype(jnp.float32), axis=-1)
+    e = label_smoothing
+    if loss_type == "sigmoid":
+        pref = -(1.0 - e) * jax.nn.log_sigmoid(beta * h) - e * jax.nn.log_sigmoid(-beta * h)
+    elif loss_type == "robust":
+        pref = (-(1.0 - e) * jax.nn.log_sigmoid(beta * h) + e * jax.nn.log_sigmoid(-beta * h)) / (1.0 - 2.0 * e)
+    elif loss_type == "hinge":
+        pref = jax.nn.relu(1.0 - beta * h)
+    else:
+        n_rejected = jnp.sum(rejected_mask.astype(jnp.float32), axis=-1)
+        d = (pi_c - ref_c) / jnp.maximum(n_chosen, 1.0) - (pi_r - ref_r) / jnp.maximum(n_rejected, 1.0)
+        pref = (d - 1.0 / (2.0 * beta)) ** 2
+
     if sft_norm == "token":
         nll = -jnp.sum(pi_c) / jnp.maximum(jnp.sum(n_chosen), 1.0)
     else:
         nll = jnp.mean(-pi_c / jnp.maximum(n_chosen, 1.0))
 
-    loss = jnp.mean(dpo) + sft_weight * nll
+    loss = jnp.mean(pref) + sft_weight * nll
     chosen_rewards = beta * (pi_c - ref_c)
     rejected_rewards = beta * (pi_r - ref_r)
     metrics = {

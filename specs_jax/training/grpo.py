@@ -149,7 +149,12 @@ class GRPO(Algorithm):
         return bool(loss_options(self.loss_fn, self.loss_kwargs).get(IS_OPTION))
 
     def spec(self) -> LossSpec:
-        return grpo_spec(self.graphdef, self.loss_fn, self.cfg.rl.temperature or 1.0, **self.loss_kwargs)
+        """The loss over the step batch; Dr. GRPO's length normaliser ``max_completion_length`` defaults to
+        ``rl.max_new_tokens`` (the rows also hold the prompt's columns)."""
+        kwargs = dict(self.loss_kwargs)
+        if "max_completion_length" in loss_options(self.loss_fn) and kwargs.get("max_completion_length") is None:
+            kwargs["max_completion_length"] = self.cfg.rl.max_new_tokens
+        return grpo_spec(self.graphdef, self.loss_fn, self.cfg.rl.temperature or 1.0, **kwargs)
 
     def sequences(self, prompts: Mapping[str, Any], ro: ScoredRollout) -> dict:
         seqs = rollout_sequences(self.model_cfg, prompts, ro, self.cfg.rl.group_size)
