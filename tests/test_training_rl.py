@@ -113,3 +113,41 @@ def test_kill_and_resume_is_exact(world, tmp_path):
     keys = ("reward/mean", "loss", "ratio", "grad_norm")
     for a, b in zip(straight, first + resumed):
         assert {k: a.get(k) for k in keys} == {k: b.get(k) for k in keys}
+
+
+@pytest.mark.parametrize("name, options", [
+    ("dr_grpo", "{sampler_is_mode: token_truncate, kl_coef: 0.0}"),
+    pytest.param("gspo", "{kl_coef: 0.0}", marks=pytest.mark.slow),
+    pytest.param("cispo", "{kl_coef: 0.0, sampler_is_mode: sequence_mask, sampler_is_clip_min: 0.5}",
+                 marks=pytest.mark.slow),
+])
+def test_grpo_variants_train_through_the_cli(world, tmp_path, capsys, name, options):
+    out = tmp_path / name
+    assert cli(["train", "grpo", "--config", "configs/grpo_tiny.yaml", f"loss.name={name}", f"loss.kwargs={options}",
+                *overrides(world, out, "train.steps=2", "rl.max_new_tokens=8")]) == 0
+    assert "train grpo: steps 1..2" in capsys.readouterr().out
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(x["loss"]) for x in lines if "loss" in x)
+    if "sampler_is_mode" in options:
+        assert any("sampler_is/mean" in x for x in lines)
+
+
+def test_dr_grpo_scales_no_rewards_and_importance_sampling_recomputes_old_logps(world, tmp_path):
+    import jax
+
+    from specs_jax.training.steps import sequence_logps
+    from specs_jax.training.state import join_params, model_from_params
+
+    trainer, data = _trainer(world, tmp_path, "loss.name=dr_grpo", "loss.kwargs={sampler_is_mode: token_truncate}")
+    assert trainer.scale_rewards == "none" and trainer.algorithm.reference  # dr_grpo keeps grpo's kl_coef default
+    collected = trainer.collect(next(iter(data)))
+    seqs = collected.seqs
+    np.testing.assert_array_equal(seqs["sampler_logps"], seqs["old_logps"])  # the sampler's, as collected
+    prepared = trainer._refresh(trainer.place(trainer.algorithm.prepare(seqs, 1)))
+    model = model_from_params(trainer.graphdef, join_params(trainer.state.params, trainer.state.frozen))
+    micro = jax.tree.map(lambda x: x[0], prepared)
+    ours = np.asarray(sequence_logps(model, micro, trainer.cfg.rl.temperature))
+    mask = np.asarray(micro.mask) > 0
+    np.testing.assert_allclose(np.asarray(micro.rows["old_logps"])[mask], ours[mask], atol=1e-6)  # the trainer's
+    np.testing.assert_allclose(np.asarray(micro.rows["sampler_logps"])[mask], ours[mask], atol=1e-3)
+    trainer.close()
