@@ -101,6 +101,9 @@ class RLTrainer(Trainer):
 
     def __init__(self, cfg: RunConfig, kind: str, processor: Any,
                  model: Qwen2_5_VLForConditionalGeneration | None = None, mesh: Mesh | None = None):
+        if jax.process_count() > 1:
+            raise ValueError(f"train {kind} runs on one process for now: the rollout is not yet split across the "
+                             f"{jax.process_count()} processes of this job; run it as one process on one host")
         model = build_model(cfg) if model is None else model
         # the sampler needs the model's structure and config only: its weights come from the train state
         abstract = nnx.merge(nnx.graphdef(model), jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
@@ -125,9 +128,6 @@ class RLTrainer(Trainer):
 
     def place(self, prepared: Any) -> Any:
         """Put a host step batch on the mesh with the algorithm's shardings."""
-        if jax.process_count() > 1:
-            raise ValueError("multi-process RL training is not supported yet (every process would need the "
-                             "whole rollout batch); run one process per host-sized job")
         return jax.device_put(prepared, self.algorithm.shardings(prepared, self.mesh))
 
     def train_step(self, prompts: dict[str, Any]) -> dict[str, float]:
