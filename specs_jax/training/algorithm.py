@@ -27,6 +27,7 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, TypeVar
 
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -146,6 +147,10 @@ class Algorithm:
     def rows(self, batch: Mapping[str, Any]) -> int:
         """Units of ``train.batch_size`` (:attr:`batch_unit`) in this process's host batch."""
         return len(batch["input_ids"])
+
+    def row_order(self, batch: Mapping[str, Any]) -> np.ndarray:
+        """The host rows of ``batch`` in the order of its one-micro-batch step batch (default: unchanged)."""
+        return np.arange(len(batch["input_ids"]))
 
     def check_batch(self, batch: Mapping[str, Any]) -> None:
         """Refuse a host batch this kind cannot train on (default: accept)."""

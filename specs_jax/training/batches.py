@@ -166,15 +166,23 @@ def prepare_sft(cfg: ModelConfig, batch: Mapping[str, np.ndarray], accum: int) -
     return _prepare_rows(cfg, batch, _micro_rows(len(batch["input_ids"]), accum))
 
 
+def pair_rows(pairs: np.ndarray, n_pairs: int) -> np.ndarray:
+    """Host rows of the pairs ``pairs`` of a ``2 * n_pairs``-row preference batch (chosen rows, then rejected
+    rows), interleaved: ``[c_0, r_0, c_1, r_1, ...]``. Every contiguous block of a step batch then holds whole
+    pairs, so the rows shard over devices and processes like any batch (chosen: even rows, rejected: odd)."""
+    return np.stack([pairs, pairs + n_pairs], 1).reshape(-1)
+
+
 def prepare_dpo(cfg: ModelConfig, batch: Mapping[str, np.ndarray], accum: int) -> SeqBatch:
     """DPO batch dict (``2B`` rows, chosen then rejected) -> stacked :class:`SeqBatch`
-    ``[accum, 2*B/accum, ...]``: each micro-batch holds ``b`` pairs' chosen rows, then their rejected rows."""
+    ``[accum, 2*B/accum, ...]``: each micro-batch holds ``b`` pairs, each pair's chosen row then its rejected
+    row (:func:`pair_rows`)."""
     _check_keys(batch, "DPO")
     n_rows = len(batch["input_ids"])
     if n_rows % 2:
         raise ValueError(f"a DPO batch has 2B rows (chosen, then rejected), got {n_rows}")
     pairs = n_rows // 2
-    return _prepare_rows(cfg, batch, [np.concatenate([p, p + pairs]) for p in _micro_rows(pairs, accum)])
+    return _prepare_rows(cfg, batch, [pair_rows(p, pairs) for p in _micro_rows(pairs, accum)])
 
 
 GRPO_KEYS = ("old_logps", "advantages")

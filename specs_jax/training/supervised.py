@@ -15,10 +15,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from specs_jax.training.algorithm import Algorithm, loss_options, register_algorithm
-from specs_jax.training.batches import SeqBatch, prepare_dpo, prepare_sft
+from specs_jax.training.batches import SeqBatch, pair_rows, prepare_dpo, prepare_sft
 from specs_jax.training.state import model_from_params
 from specs_jax.training.steps import LossSpec, StepContext, sequence_logps
 
@@ -41,8 +42,9 @@ def sft_spec(loss_fn: Callable, **loss_kwargs: Any) -> LossSpec:
 
 
 def dpo_spec(graphdef: nnx.GraphDef, loss_fn: Callable, **loss_kwargs: Any) -> LossSpec:
-    """Preference loss ``loss_fn`` (signature of :func:`dpo_hybrid_loss`) over micro-batches of ``b`` chosen
-    rows followed by their ``b`` rejected rows.
+    """Preference loss ``loss_fn`` (signature of :func:`dpo_hybrid_loss`) over micro-batches of ``b`` pairs,
+    each pair's chosen row then its rejected row (:func:`~specs_jax.training.batches.pair_rows`: chosen rows
+    are the even rows, rejected rows the odd ones).
 
     Reference log-probs come from ``ctx.extra`` (full reference parameters; computed per batch,
     no gradient) or, when ``extra`` is None, from ``micro.ref_logps`` (precomputed). The loss is a
@@ -56,7 +58,7 @@ def dpo_spec(graphdef: nnx.GraphDef, loss_fn: Callable, **loss_kwargs: Any) -> L
 
     def totals(batch: SeqBatch) -> dict[str, jax.Array]:
         b = batch.mask.shape[1] // 2
-        return {"pairs": jnp.float32(batch.mask.shape[0] * b), "chosen_tokens": jnp.sum(batch.mask[:, :b])}
+        return {"pairs": jnp.float32(batch.mask.shape[0] * b), "chosen_tokens": jnp.sum(batch.mask[:, 0::2])}
 
     def micro_loss(model, micro: SeqBatch, ctx: StepContext):
         b = micro.mask.shape[0] // 2
@@ -68,9 +70,10 @@ def dpo_spec(graphdef: nnx.GraphDef, loss_fn: Callable, **loss_kwargs: Any) -> L
         weight = b / ctx.totals["pairs"]
         kwargs = dict(loss_kwargs)
         if token_norm:
-            n = jnp.sum(micro.mask[:b])
+            n = jnp.sum(micro.mask[0::2])
             kwargs["sft_weight"] = options["sft_weight"] * n / (weight * jnp.maximum(ctx.totals["chosen_tokens"], 1.0))
-        loss, metrics = loss_fn(logps[:b], logps[b:], ref[:b], ref[b:], micro.mask[:b], micro.mask[b:], **kwargs)
+        loss, metrics = loss_fn(logps[0::2], logps[1::2], ref[0::2], ref[1::2], micro.mask[0::2], micro.mask[1::2],
+                                **kwargs)
         metrics = {k: weight * v for k, v in metrics.items()}
         return weight * loss, {**metrics, "tokens": jnp.sum(micro.mask)}
 
@@ -95,9 +98,10 @@ class SFT(Algorithm):
 
 @register_algorithm("dpo")
 class DPO(Algorithm):
-    """Preference training against a frozen reference (``loss.name`` default ``dpo_hybrid``); batches hold
-    ``2B`` rows, the ``B`` chosen then the ``B`` rejected responses. ``model.reference``: ``batch`` (a frozen
-    copy of the starting policy in the step) or ``precomputed`` (``ref_logps`` in the batches)."""
+    """Preference training against a frozen reference (``loss.name`` default ``dpo_hybrid``); host batches hold
+    ``2B`` rows, the ``B`` chosen then the ``B`` rejected responses (step batches interleave them, see
+    :func:`dpo_spec`). ``model.reference``: ``batch`` (a frozen copy of the starting policy in the step) or
+    ``precomputed`` (``ref_logps`` in the batches)."""
 
     data = "preference"
     default_loss = "dpo_hybrid"
@@ -118,6 +122,10 @@ class DPO(Algorithm):
 
     def rows(self, batch: Mapping[str, Any]) -> int:
         return len(batch["input_ids"]) // 2
+
+    def row_order(self, batch: Mapping[str, Any]) -> np.ndarray:
+        n = self.rows(batch)
+        return pair_rows(np.arange(n), n)
 
     def check_batch(self, batch: Mapping[str, Any]) -> None:
         """A batch carries reference log-probs exactly when ``model.reference=precomputed``."""

@@ -177,7 +177,8 @@ class Trainer:
         params = join_params(self.state.params, self.state.frozen)
         for batch in batches:
             seq = jax.tree.map(lambda x: x[0], self.prepare(batch, accum=1))
-            yield {**batch, "ref_logps": np.asarray(jax.device_get(fn(params, seq)))}
+            logps = np.asarray(jax.device_get(fn(params, seq)))  # rows in the step batch's order
+            yield {**batch, "ref_logps": logps[np.argsort(self.algorithm.row_order(batch))]}
 
     # ---------------------------------------------------------------------------------------
     # the loop
