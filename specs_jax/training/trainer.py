@@ -115,7 +115,8 @@ class Trainer:
         del model
         ck = cfg.checkpoint
         ck_dir = ck.dir or str(Path(cfg.train.output_dir) / "checkpoints")
-        self.checkpointer = Checkpointer(ck_dir, ck.keep_last_n, ck.keep_best_metric, ck.best_mode, ck.async_save)
+        self.checkpointer = Checkpointer(ck_dir, ck.keep_last_n, ck.keep_best_metric, ck.best_mode, ck.async_save,
+                                         model=self.model_cfg, model_files=cfg.model.path or cfg.data.processor)
 
     def uses_reference(self) -> bool:
         """Whether the steps get a frozen copy of the starting parameters as ``extra``."""
