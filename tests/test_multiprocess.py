@@ -95,3 +95,43 @@ def test_processes_with_different_configs_stop_with_the_difference_named(tmp_pat
         _, stderr = p.communicate(timeout=TIMEOUT)
         assert p.returncode == 2
         assert "processes of this job disagree on ['config']" in stderr
+
+
+@pytest.mark.slow
+def test_a_dead_process_stops_the_others_and_the_job_resumes_exactly(tmp_path):
+    import time
+
+    args = [*train_args("sft", tmp_path / "hf"), "train.steps=6", "checkpoint.every=2", "optim.schedule=constant",
+            "optim.warmup_steps=0"]  # the killed run's longer step count must not change the learning rates
+    args.remove("--export-hf")
+    args.remove(str(tmp_path / "hf"))
+    straight = launch([*args], 1, 8, tmp_path / "straight")
+    assert straight[0].returncode == 0, straight[0].stderr[-3000:]
+
+    port = free_port()
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    run = tmp_path / "killed"
+    procs = [subprocess.Popen([sys.executable, "-m", "specs_jax.cli.main", *args, "train.steps=40",
+                               f"train.output_dir={run}", f"mesh.coordinator_address=127.0.0.1:{port}",
+                               "mesh.num_processes=2", f"mesh.process_id={i}", "mesh.heartbeat_timeout_s=10"],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    deadline = time.monotonic() + TIMEOUT
+    while not (run / "checkpoints" / "2").is_dir() or not (run / "metrics.jsonl").is_file() or \
+            len((run / "metrics.jsonl").read_text().splitlines()) < 3:
+        assert time.monotonic() < deadline and procs[0].poll() is None
+        time.sleep(0.5)
+    procs[1].kill()
+    killed = time.monotonic()
+    _, stderr = procs[0].communicate(timeout=TIMEOUT)
+    assert procs[0].returncode != 0
+    assert time.monotonic() - killed < 180  # bounded: the heartbeat timeout plus the shutdown barrier
+    assert "another task died" in stderr or "heartbeat" in stderr.lower()
+    procs[1].communicate()
+
+    resumed = launch([*args, "train.steps=6"], 2, 4, run)  # the same command again: resumes its checkpoint
+    for r in resumed:
+        assert r.returncode == 0, r.stderr[-3000:]
+    by_step = {x["step"]: x["loss"] for x in metrics(run)}  # the resumed steps overwrite the killed run's
+    want = {x["step"]: x["loss"] for x in metrics(tmp_path / "straight")}
+    np.testing.assert_allclose([by_step[k] for k in range(1, 7)], [want[k] for k in range(1, 7)], atol=1e-5)

@@ -86,6 +86,26 @@ def test_keeps_last_n_and_best(straight):
     assert trainer.checkpointer.all_steps() == sorted({STEPS - 1, STEPS, best})
 
 
+def test_best_survives_a_resume(straight, tmp_path):
+    """The metrics ranking the checkpoints are stored with them, so a resumed run still keeps the best
+    checkpoint of before the interruption (and `--step best` finds it)."""
+    from specs_jax.convert.training import resolve
+
+    _, history = straight
+    options = ["checkpoint.every=1", "checkpoint.keep_last_n=1", "checkpoint.keep_best_metric=loss"]
+    first, data = _trainer(tmp_path, options)
+    with pytest.raises(Killed):
+        first.fit(DiesAfter(data, 4))
+    first.close()
+    resumed, fresh_data = _trainer(tmp_path, options)
+    resumed.fit(fresh_data)
+    resumed.close()
+    best = 1 + int(np.argmin([m["loss"] for m in history]))
+    assert best <= 4  # saved before the interruption
+    assert resumed.checkpointer.all_steps() == [best, STEPS]
+    assert resolve(tmp_path, "best").step == best
+
+
 def test_export_hf_round_trips(straight, tmp_path):
     from specs_jax import load_model
     from specs_jax.convert.io import model_params

@@ -35,6 +35,14 @@ def test_tiny_config_trains_and_loss_falls_on_a_fixed_batch(kind, tmp_path, caps
 
         weights = load_file(tmp_path / "hf" / "model.safetensors")
         assert weights and {w.dtype for w in weights.values()} == {np.dtype(np.float32)}
+        # any checkpoint of the run converts after the fact: the last one equals the --export-hf output
+        exported = (tmp_path / "hf" / "model.safetensors").read_bytes()
+        assert main(["convert", "orbax-to-hf", str(out / "checkpoints" / "3"), str(tmp_path / "step3")]) == 0
+        assert main(["convert", "orbax-to-hf", str(out), str(tmp_path / "latest"), "--step", "latest"]) == 0
+        assert main(["convert", "orbax-to-hf", str(out), str(tmp_path / "step2"), "--step", "2"]) == 0
+        assert (tmp_path / "step3" / "model.safetensors").read_bytes() == exported
+        assert (tmp_path / "latest" / "model.safetensors").read_bytes() == exported
+        assert (tmp_path / "step2" / "model.safetensors").read_bytes() != exported
 
 
 @pytest.mark.parametrize("override, message", [

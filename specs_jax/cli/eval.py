@@ -1,4 +1,4 @@
-"""``specs-jax eval --config CONFIG.yaml [key=value ...] [--model DIR] [--out FILE.json]``: evaluate a model
+"""``specs-jax eval --config CONFIG.yaml [key=value ...] [--model DIR [--step S]] [--out FILE.json]``: evaluate a model
 on the prompt splits of ``eval.splits``."""
 
 from __future__ import annotations
@@ -24,8 +24,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, nargs="+", metavar=("CONFIG", "KEY=VALUE"),
                    help="run YAML (e.g. configs/base.yaml), then config overrides with dotted keys, "
                         "e.g. eval.splits.id_test=data/id_test.parquet eval.max_examples=100")
-    p.add_argument("--model", metavar="DIR", help="HF model directory or specs-jax Orbax checkpoint "
+    p.add_argument("--model", metavar="DIR", help="HF model directory, specs-jax Orbax checkpoint, or training "
+                                                  "checkpoint RUN/checkpoints/STEP (or RUN with --step) "
                                                   "(default: model.path of the config)")
+    p.add_argument("--step", default=None, metavar="latest|best|N",
+                   help="with --model a run directory (train.output_dir): which checkpoint to evaluate")
     p.add_argument("--out", metavar="FILE.json",
                    help="where to write the results (default: <train.output_dir>/eval.json)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no tqdm bar")
@@ -60,6 +63,9 @@ def run(args: argparse.Namespace) -> int:
     model_path = args.model or cfg.model.path
     if model_path is None:
         raise ValueError("no model to evaluate: pass --model DIR or set model.path")
+    from specs_jax.convert.training import resolve_reference
+
+    model_path = resolve_reference(model_path, args.step)  # a run's latest/best -> that step's directory
     splits = {}
     for name, path in cfg.eval.splits.items():
         try:

@@ -1,4 +1,4 @@
-"""``specs-jax generate --model PATH [--image IMG ...] --prompt TEXT [sampling flags]``."""
+"""``specs-jax generate --model PATH [--step latest|best|N] [--image IMG ...] --prompt TEXT [sampling flags]``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Apply the model's chat template to PROMPT (with the given images), sample "
                                    "with the specs-jax sampler and print the response(s). The model directory "
                                    "must hold the processor/tokenizer files (as HF checkpoints do).")
-    p.add_argument("--model", required=True, help="HF model directory or specs-jax Orbax checkpoint")
+    p.add_argument("--model", required=True,
+                   help="HF model directory, specs-jax Orbax checkpoint, or training checkpoint RUN/checkpoints/STEP "
+                        "(or RUN with --step)")
+    p.add_argument("--step", default=None, metavar="latest|best|N",
+                   help="with --model a run directory (train.output_dir): which checkpoint")
     p.add_argument("--prompt", required=True, help="the user message")
     p.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
     p.add_argument("--system", default=None, help="optional system prompt")
@@ -46,8 +50,11 @@ def run(args: argparse.Namespace) -> int:
             images.append(Image.open(file).convert("RGB"))
         except OSError as e:
             raise ValueError(f"--image {file}: not a readable image ({e})") from e
-    processor = load_processor(args.model)
-    model = specs_jax.load_model(args.model, dtype=args.dtype)
+    from specs_jax.convert.training import resolve_reference
+
+    model_path = resolve_reference(args.model, args.step)  # a run's latest/best -> that step's directory
+    processor = load_processor(model_path)
+    model = specs_jax.load_model(model_path, dtype=args.dtype)
     sampler = Sampler(model, processor, SamplerConfig(max_new_tokens=args.max_new_tokens))
     out = sampler.generate([args.prompt], [images], n=args.num_samples, params=params, seed=args.seed,
                            stop=args.stop, system=args.system)

@@ -73,8 +73,7 @@ def run(args: argparse.Namespace) -> int:
               f"{key} {first[key]:.4f} -> {last[key]:.4f}; checkpoints in {trainer.checkpointer.directory}")
     elif main:
         print(f"train {args.kind}: nothing to do, checkpoint already at step {trainer.loop_step}")
-    if args.export_hf:
+    if args.export_hf and main:  # process 0 reads the saved checkpoint on its own and writes the HF directory
         out = export_hf(trainer.checkpointer.directory, trainer.model_cfg, args.export_hf)
-        if main:
-            print(f"exported step {int(trainer.state.step)} to {out}")
+        print(f"exported step {int(trainer.state.step)} to {out}")
     return 0

@@ -126,8 +126,9 @@ def hf_tensor_index(path: Path) -> dict[str, TensorInfo]:
     return index
 
 
-def check_tensors(cfg: ModelConfig, available: dict[str, tuple[int, ...]]) -> None:
-    """Refuse a checkpoint whose tensors are not exactly those of ``cfg``'s model.
+def check_tensors(cfg: ModelConfig, available: dict[str, tuple[int, ...]],
+                  what: str = "checkpoint does not match its config") -> None:
+    """Refuse a checkpoint whose tensors are not exactly those of ``cfg``'s model (``what`` opens the message).
 
     A tied model may also carry ``lm_head.weight`` (some exporters write the tied copy); it is ignored.
     """
@@ -140,7 +141,7 @@ def check_tensors(cfg: ModelConfig, available: dict[str, tuple[int, ...]]) -> No
     problems += [f"tensor {n} has shape {tuple(available[n])}, expected {expected[n]}" for n in wrong[:10]]
     if problems:
         more = len(missing) + len(extra) + len(wrong) - len(problems)
-        raise CheckpointError("checkpoint does not match its config:\n  " + "\n  ".join(problems)
+        raise CheckpointError(f"{what}:\n  " + "\n  ".join(problems)
                               + (f"\n  ... and {more} more" if more > 0 else ""))
 
 
@@ -174,8 +175,11 @@ def _checkpointer(largest_array_bytes: int):
     gb = (max(largest_array_bytes, MIN_CONCURRENT_BYTES) + 2**20) / 1e9  # Orbax needs strictly more
     # No compression: weights barely compress, and the compressed copy of an in-flight array
     # would add another array's worth of memory.
+    # this process alone, also inside a multi-process job (e.g. process 0 exporting a run's checkpoint)
+    alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(), active_processes={jax.process_index()})
     return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(save_concurrent_gb=gb, restore_concurrent_gb=gb,
-                                                        use_compression=False))
+                                                        use_compression=False, multiprocessing_options=alone),
+                            multiprocessing_options=alone)
 
 
 def restore_orbax_params(path: Path, cfg: ModelConfig) -> dict[str, jax.Array]:
@@ -194,22 +198,33 @@ def _build(cfg: ModelConfig, params: dict[str, np.ndarray]) -> Qwen2_5_VLForCond
 
 
 def load_model(path: str | os.PathLike, dtype: str = "float32", *, param_dtype: str | None = None,
-               remat: str = "none") -> Qwen2_5_VLForConditionalGeneration:
-    """Load Qwen2.5-VL from an HF directory (config.json + safetensors, sharded or not) or from an
-    Orbax checkpoint directory written by this project.
+               remat: str = "none", step: int | str | None = None) -> Qwen2_5_VLForConditionalGeneration:
+    """Load Qwen2.5-VL from an HF directory (config.json + safetensors, sharded or not), an Orbax
+    checkpoint directory written by this project, or a training checkpoint: ``RUN/checkpoints/STEP``,
+    or ``RUN`` with ``step`` = ``"latest"``, ``"best"`` or N (:mod:`specs_jax.convert.training`).
 
     ``dtype`` is the compute dtype; ``param_dtype`` (default: ``dtype``) the parameters' dtype.
     """
-    path = Path(path)
-    cfg = load_config(path, dtype=dtype, param_dtype=param_dtype, remat=remat)
-    if _is_orbax_dir(path):
-        params = restore_orbax_params(path, cfg)
+    local = Path(path)
+    is_model_dir = "://" not in os.fspath(path) and (_is_orbax_dir(local) or _is_hf_dir(local))
+    if step is not None and is_model_dir:
+        raise ValueError(f"step={step!r} is for training checkpoints; {path} is a model directory")
+    if not is_model_dir:
+        from specs_jax.convert.training import is_training_reference, load_training_model
+
+        if step is not None or is_training_reference(path):
+            return load_training_model(path, step, dtype=dtype, param_dtype=param_dtype, remat=remat)
+        if (local / "config.json").is_file():
+            load_config(local)  # a config of another architecture is the clearer error
+        raise FileNotFoundError(f"{path}: neither an HF model directory (model.safetensors[.index.json]), "
+                                f"a specs-jax Orbax checkpoint (specs_jax.json + params/), nor a training "
+                                f"checkpoint (RUN/checkpoints/STEP, or RUN with a step)")
+    cfg = load_config(local, dtype=dtype, param_dtype=param_dtype, remat=remat)
+    if _is_orbax_dir(local):
+        params = restore_orbax_params(local, cfg)
         check_tensors(cfg, {n: s for k, v in params.items() for n, s in hf_names(k, v.shape)})
         return _build(cfg, params)
-    if _is_hf_dir(path):
-        return _build(cfg, dict(iter_hf_params(path, cfg)))
-    raise FileNotFoundError(f"{path}: neither an HF model directory (model.safetensors[.index.json]) "
-                            f"nor a specs-jax Orbax checkpoint (specs_jax.json + params/)")
+    return _build(cfg, dict(iter_hf_params(local, cfg)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,12 +328,17 @@ def hf_plan(cfg: ModelConfig, dtypes: dict[str, np.dtype]) -> list[HFTensor]:
     return plan
 
 
+def _cast(arr: np.ndarray, dtype: np.dtype | None) -> np.ndarray:
+    return arr if dtype is None or arr.dtype == dtype else arr.astype(dtype)
+
+
 def write_hf_weights(out: Path, plan: list[HFTensor], fetch: Callable[[str], np.ndarray],
-                     max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+                     max_shard_bytes: int = MAX_SHARD_BYTES, cast: np.dtype | None = None) -> None:
     """Write ``model.safetensors`` or, past ``max_shard_bytes``, numbered shards plus the index.
 
     ``fetch(key)`` returns the array of one state entry; it is called once per entry, in plan
-    order, and only that entry is held while its tensors are written.
+    order, and only that entry is held while its tensors are written. ``cast``: convert each
+    tensor to this dtype as it is written (one layer's copy at a time, not the whole entry's).
     """
     shards: list[list[HFTensor]] = [[]]
     size = 0
@@ -339,7 +359,7 @@ def write_hf_weights(out: Path, plan: list[HFTensor], fetch: Callable[[str], np.
                 if t.key != current_key:
                     current_key, current = t.key, None  # drop the previous entry before fetching
                     current = fetch(t.key)
-                writer.write(t.name, current if t.layer is None else current[t.layer])
+                writer.write(t.name, _cast(current if t.layer is None else current[t.layer], cast))
             total += writer.nbytes
     if len(shards) > 1:
         weight_map = {t.name: file for file, shard in zip(files, shards) for t in shard}
@@ -356,8 +376,13 @@ def save_hf(out: Path, cfg: ModelConfig, params: dict[str, jax.Array | np.ndarra
 
 
 def orbax_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str | None = None,
-                overwrite: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+                overwrite: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES, *, step: int | str | None = None,
+                model: str | os.PathLike | None = None) -> Path:
     """Convert a specs-jax Orbax checkpoint to an HF directory (``dtype`` casts).
+
+    ``ckpt_dir`` may also be a training checkpoint, ``RUN/checkpoints/STEP`` or ``RUN`` with ``step``
+    (``"latest"``, ``"best"``, N): see :func:`specs_jax.convert.training.training_to_hf` (``model``:
+    the model directory to take the config and tokenizer files from instead of the run's record).
 
     Streams: each state entry is restored on its own (Orbax partial restore), written, and
     dropped, so memory holds one entry at a time.
@@ -365,8 +390,16 @@ def orbax_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: 
     import orbax.checkpoint as ocp
 
     src = Path(ckpt_dir)
-    if not _is_orbax_dir(src):
-        raise FileNotFoundError(f"{src}: not a specs-jax Orbax checkpoint (needs specs_jax.json and params/)")
+    if "://" in os.fspath(ckpt_dir) or not _is_orbax_dir(src):
+        from specs_jax.convert.training import is_training_reference, training_to_hf
+
+        if step is not None or model is not None or is_training_reference(ckpt_dir):
+            return training_to_hf(ckpt_dir, out_dir, step=step, dtype=dtype, model=model, overwrite=overwrite,
+                                  max_shard_bytes=max_shard_bytes)
+        raise FileNotFoundError(f"{src}: not a specs-jax Orbax checkpoint (needs specs_jax.json and params/) nor a "
+                                f"training checkpoint (RUN/checkpoints/STEP, or RUN with --step latest|best|N)")
+    if step is not None or model is not None:
+        raise ValueError(f"--step and --model are for training checkpoints; {src} is an Orbax model checkpoint")
     cfg = load_config(src)
     params_dir = (src / "params").absolute()
     with _checkpointer(0) as ckpt:
@@ -381,13 +414,12 @@ def orbax_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: 
             item = {key: np.zeros((), np.dtype(stored[key].dtype))}
             args = ocp.args.PyTreeRestore(item=item, partial_restore=True,
                                           restore_args={key: ocp.RestoreArgs(restore_type=np.ndarray)})
-            arr = ckpt.restore(params_dir, args=args)[key]
-        return arr if to is None else arr.astype(to)
+            return ckpt.restore(params_dir, args=args)[key]
 
     cfg = cfg.replace(hf_config=_config_with_dtype(cfg.hf_config, dtype))
     with atomic_output_dir(out_dir, overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(cfg.hf_config, indent=2))
-        write_hf_weights(tmp, plan, fetch, max_shard_bytes)
+        write_hf_weights(tmp, plan, fetch, max_shard_bytes, cast=to)
         _carry_files(src, tmp)
     return Path(out_dir)
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,13 +185,18 @@ def build_processor(corpus: Iterable[str], config: ProcessorConfig = ProcessorCo
 
 
 def load_processor(path: str | Path) -> Processor:
-    """Load a :class:`Processor` from a local directory (ours or a Qwen2.5-VL checkpoint), offline."""
+    """Load a :class:`Processor` from a local directory (ours or a Qwen2.5-VL checkpoint), offline; a
+    training checkpoint (``RUN``, ``RUN/checkpoints/STEP``) gives the processor of the run's model."""
     from transformers import AutoImageProcessor, AutoTokenizer
 
-    path = Path(path)
+    from specs_jax.convert.training import checkpoint_files_dir
+
+    path, hint = Path(path), ""
+    if not (path / "tokenizer_config.json").is_file() and (recorded := checkpoint_files_dir(path)) is not None:
+        path, hint = Path(os.fspath(recorded)), " (the run's model had no tokenizer files, e.g. a model preset)"
     for name in ("tokenizer_config.json", "preprocessor_config.json"):
         if not (path / name).is_file():
-            raise FileNotFoundError(f"no {name} in processor directory {path}")
+            raise FileNotFoundError(f"no {name} in processor directory {path}{hint}")
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True, backend="pil")
     if tokenizer.chat_template is None:

@@ -5,13 +5,21 @@ Layout of ``DIR/STEP/`` (an Orbax ``CheckpointManager`` step), one item each:
 - ``params``: ``{"trained": ..., "frozen": ...}`` parameter dicts (``TrainState.params``/``frozen``);
 - ``opt_state``: the optax state;
 - ``progress``: ``{"step": int32, "rng": uint32[2]}``;
-- ``data``: the caller's data-iterator state (any JSON-serialisable dict).
+- ``data``: the caller's data-iterator state (any JSON-serialisable dict);
+- ``metrics``: with ``keep_best_metric``, the step's metrics (what ranks it).
+
+Beside the steps, the first save records ``DIR/specs_jax_run.json`` (the best-metric settings) and
+``DIR/model/`` (the HF config of the model trained and the tokenizer, processor, chat-template and
+generation-config files of the model it started from), so that any step converts to HF, loads and
+evaluates on its own: ``specs-jax convert orbax-to-hf RUN/checkpoints/STEP OUT`` (or ``RUN OUT --step
+latest|best|N``), ``load_model("RUN/checkpoints/STEP")``; see :mod:`specs_jax.convert.training`.
 
 Saves are asynchronous (the next steps run while the arrays are written). Kept: the last
 ``keep_last_n`` checkpoints and, with ``keep_best_metric``, the best one by that metric (a
-checkpoint saved without the metric is kept only while it is among the last N). Restoring places
-every array with the shardings of the target :class:`TrainState`, so a resumed run continues
-bit-for-bit as the uninterrupted one would.
+checkpoint saved without the metric is kept only while it is among the last N; the metrics are
+stored with each step, so the best survives a resume). Restoring places every array with the
+shardings of the target :class:`TrainState`, so a resumed run continues bit-for-bit as the
+uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -22,12 +30,11 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-from flax import nnx
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from specs_jax.convert.io import abstract_model, save_model
+from specs_jax.convert.training import write_run_record
 from specs_jax.model import ModelConfig
-from specs_jax.training.state import TrainState, join_params, model_from_params
+from specs_jax.training.state import TrainState
 
 __all__ = ["Checkpointer", "export_hf"]
 
@@ -39,26 +46,51 @@ def _abstract(tree: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
+def _directory(directory: str | os.PathLike) -> Path:
+    """A local path made absolute; ``gs://...`` and other URLs kept intact (``etils.epath``)."""
+    if "://" in os.fspath(directory):
+        from etils import epath
+
+        return epath.Path(os.fspath(directory))
+    return Path(directory).absolute()
+
+
 class Checkpointer:
-    """Save/restore :class:`TrainState` + data state under ``directory`` (see the module docstring)."""
+    """Save/restore :class:`TrainState` + data state under ``directory`` (see the module docstring).
+
+    ``model``: the config of the model trained and ``model_files``: the directory (or training
+    checkpoint) of the model it started from, recorded beside the steps on the first save.
+    """
 
     def __init__(self, directory: str | os.PathLike, keep_last_n: int = 3, keep_best_metric: str | None = None,
-                 best_mode: str = "min", async_save: bool = True):
+                 best_mode: str = "min", async_save: bool = True, *, model: ModelConfig | None = None,
+                 model_files: str | os.PathLike | None = None):
         if best_mode not in ("min", "max"):
             raise ValueError(f"best_mode={best_mode!r}; expected 'min' or 'max'")
         policies: list[pp.PreservationPolicy] = [pp.LatestN(n=keep_last_n)]
-        if keep_best_metric is not None:
-            policies.append(pp.BestN(get_metric_fn=lambda m: m[keep_best_metric], reverse=best_mode == "min", n=1,
+        best_fn = None if keep_best_metric is None else (lambda m: m[keep_best_metric])
+        if best_fn is not None:
+            policies.append(pp.BestN(get_metric_fn=best_fn, reverse=best_mode == "min", n=1,
                                      keep_checkpoints_without_metrics=False))
-        self.metric = keep_best_metric
+        self.metric, self.best_mode = keep_best_metric, best_mode
+        self.model, self.model_files = model, model_files
+        self._recorded = False
+        # best_fn also makes Orbax write each step's metrics (the preservation policy alone does not)
         options = ocp.CheckpointManagerOptions(preservation_policy=pp.AnyPreservationPolicy(policies),
+                                               best_fn=best_fn, best_mode=best_mode,
                                                enable_async_checkpointing=async_save, create=True)
-        self.directory = Path(directory).absolute()
+        self.directory = _directory(directory)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+    def _record(self) -> None:
+        if not self._recorded and jax.process_index() == 0:
+            write_run_record(self.directory, self.model, self.model_files, self.metric, self.best_mode)
+        self._recorded = True
 
     def save(self, state: TrainState, data_state: dict[str, Any], metrics: dict[str, float] | None = None) -> int:
         """Start saving ``state`` at its step (asynchronously); ``metrics`` rank it for ``keep_best_metric``
         (a metric missing there is not an error: the checkpoint just does not compete for best)."""
+        self._record()
         step = int(state.step)
         if self.metric is not None and metrics is not None and self.metric not in metrics:
             metrics = None
@@ -100,20 +132,13 @@ class Checkpointer:
         self.manager.close()
 
 
-def export_hf(checkpoint_dir: str | os.PathLike, model_cfg: ModelConfig, out_dir: str | os.PathLike,
-              step: int | None = None, overwrite: bool = False) -> Path:
-    """Write the parameters of a training checkpoint (default: latest step) as an HF model directory
-    (:func:`specs_jax.convert.io.save_model` with ``fmt="hf"``); only the ``params`` item is read. In a
-    multi-process job every process calls it (Orbax restores collectively) and process 0 writes."""
-    manager = ocp.CheckpointManager(Path(checkpoint_dir).absolute(), item_names=ITEMS,
-                                    options=ocp.CheckpointManagerOptions(read_only=True))
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {checkpoint_dir}")
-    restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
-    manager.close()
-    if jax.process_index() != 0:  # every process of a job takes part in the restore; process 0 writes
-        return Path(out_dir)
-    params = nnx.restore_int_paths(join_params(restored.params["trained"], restored.params["frozen"]))
-    model = model_from_params(nnx.graphdef(abstract_model(model_cfg)), params)
-    return save_model(model, out_dir, fmt="hf", overwrite=overwrite)
+def export_hf(checkpoint_dir: str | os.PathLike, model_cfg: ModelConfig | None, out_dir: str | os.PathLike,
+              step: int | str | None = None, overwrite: bool = False, dtype: str | None = None) -> Path:
+    """Write one step of a training checkpoint directory (default: the latest) as an HF model
+    directory, with the tokenizer files the run recorded; ``model_cfg`` (default: the run's record)
+    describes the model. Only the ``params`` item is read, one state entry at a time
+    (:func:`specs_jax.convert.training.training_to_hf`)."""
+    from specs_jax.convert.training import training_to_hf
+
+    return training_to_hf(checkpoint_dir, out_dir, step="latest" if step is None else step, dtype=dtype,
+                          model=model_cfg, overwrite=overwrite)

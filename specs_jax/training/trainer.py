@@ -109,7 +109,8 @@ class Trainer:
         del model
         ck = cfg.checkpoint
         ck_dir = ck.dir or str(Path(cfg.train.output_dir) / "checkpoints")
-        self.checkpointer = Checkpointer(ck_dir, ck.keep_last_n, ck.keep_best_metric, ck.best_mode, ck.async_save)
+        self.checkpointer = Checkpointer(ck_dir, ck.keep_last_n, ck.keep_best_metric, ck.best_mode, ck.async_save,
+                                         model=self.model_cfg, model_files=cfg.model.path or cfg.data.processor)
 
     # ---------------------------------------------------------------------------------------
     # batches and steps
