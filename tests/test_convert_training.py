@@ -25,7 +25,7 @@ GRID = (1, 8, 12)  # one image: 96 patches -> 24 merged tokens
 CORPUS = ["How many red circles are there? There are 3 red circles.", "Add the numbers 4 and 5: 9.",
           "<think>count them</think><answer>\\boxed{3}</answer>"] * 20
 PASSES = ["model.freeze_vision=true", "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2", "checkpoint.every=1",
-          "checkpoint.keep_last_n=2", "checkpoint.keep_best_metric=loss",
+          "checkpoint.keep_last_n=2", "checkpoint.keep_best_metric=lr", "optim.warmup_steps=4",
           "train.batch_size=8", "train.max_length=48", "data.image_grid=[1, 4, 4]"]
 
 
@@ -140,7 +140,7 @@ def test_the_run_was_sharded_and_recorded_its_model(run):
                  "generation_config.json"):
         assert (recorded / name).read_bytes() == (run["model"] / name).read_bytes(), name
     record = json.loads((ckpts / "specs_jax_run.json").read_text())
-    assert record["keep_best_metric"] == "loss" and record["best_mode"] == "min"
+    assert record["keep_best_metric"] == "lr" and record["best_mode"] == "min"
 
 
 def test_step_converts_and_transformers_reproduces_the_trainer(run, tmp_path, capsys):
@@ -197,9 +197,9 @@ def test_bfloat16_output_is_the_cast_of_the_trained_parameters(run, tmp_path):
 
 def test_latest_and_best_pick_the_kept_checkpoints(run, tmp_path, capsys):
     ckpts = run["run"] / "checkpoints"
-    losses = {m["step"]: m["loss"] for m in _metrics(run)}
-    best = min(losses, key=losses.get)
-    assert best == 1  # (these batches' loss rises): kept only as the best, beside the last 2
+    lrs = {m["step"]: m["lr"] for m in _metrics(run)}  # the metric kept by its minimum: 0 at step 1 (warmup)
+    best = min(lrs, key=lrs.get)
+    assert best == 1  # kept only as the best, beside the last 2
     assert sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) == [1, 2, 3]
     for step, expect in (("latest", 3), ("best", best)):
         out = tmp_path / step
