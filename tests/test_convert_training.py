@@ -256,8 +256,8 @@ def test_load_model_generate_and_eval_take_checkpoint_references(run, tmp_path, 
             "model.dtype=float32", "--model", str(run["run"]), "--step", "best", "--out", str(out), "--no-progress"]
     assert cli(*argv) == 0
     results = json.loads(out.read_text())
-    losses = {m["step"]: m["loss"] for m in _metrics(run)}
-    assert results["model"] == str(ckpts / str(min(losses, key=losses.get)))
+    lrs = {m["step"]: m["lr"] for m in _metrics(run)}
+    assert results["model"] == str(ckpts / str(min(lrs, key=lrs.get)))
     assert results["splits"]["id_test"]["n_prompts"] == 2
 
 
@@ -358,8 +358,8 @@ def test_remote_paths_are_resolved_without_mangling(run, tmp_path, monkeypatch):
         assert isinstance(ref.directory, epath.Path) and str(ref.step_dir) == "gs://bucket/run/checkpoints/3"
         step2 = training.resolve("gs://bucket/run/checkpoints/2")
         assert str(step2.params_dir) == "gs://bucket/run/checkpoints/2/params"
-        losses = {m["step"]: m["loss"] for m in _metrics(run)}
-        assert training.resolve("gs://bucket/run", "best").step == min(losses, key=losses.get)
+        lrs = {m["step"]: m["lr"] for m in _metrics(run)}
+        assert training.resolve("gs://bucket/run", "best").step == min(lrs, key=lrs.get)
         assert str(ref.model_dir) == "gs://bucket/run/checkpoints/model"
         assert training.resolve_reference("gs://bucket/run", "2") == "gs://bucket/run/checkpoints/2"
         with pytest.raises(FileNotFoundError, match="existing steps"):
