@@ -50,6 +50,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                            help="training checkpoints: take config.json and the tokenizer/processor files from this "
                                 "model directory instead of the run's record (runs written before specs-jax "
                                 "recorded their model, or a preset run without tokenizer files)")
+            k.add_argument("--max-shard-size", default="5GiB", metavar="SIZE",
+                           help="largest safetensors file, e.g. 4GB (the published Qwen2.5-VL repositories' shards "
+                                "are about 4 GB) or 500MB; a larger model is written as "
+                                "model-0000k-of-0000n.safetensors plus model.safetensors.index.json (default: 5GiB)")
         k.set_defaults(run=run)
 
 
@@ -64,6 +68,19 @@ def missing_model_files(out: Path) -> list[str]:
     return missing
 
 
+def shard_bytes(size: str) -> int:
+    """``--max-shard-size`` in bytes, read as transformers' ``max_shard_size`` (``4GB`` = 4e9, ``5GiB`` = 5*2**30)."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        value = convert_file_size_to_int(size.strip())
+    except (ValueError, TypeError):
+        value = None
+    if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"--max-shard-size {size!r}: expected a size such as 4GB, 500MB or 5GiB")
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
     from specs_jax.convert.io import hf_to_orbax, orbax_to_hf
 
@@ -75,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
     from specs_jax.convert.training import resolve_reference
 
     source = resolve_reference(args.src, args.step)  # a run's latest/best -> that step, named in the summary
-    out = orbax_to_hf(source, args.out, dtype=args.dtype, overwrite=args.overwrite, model=args.model)
+    out = orbax_to_hf(source, args.out, dtype=args.dtype, overwrite=args.overwrite, model=args.model,
+                      max_shard_bytes=shard_bytes(args.max_shard_size))
     print(f"wrote {out} ({args.direction} of {source}) in {time.perf_counter() - start:.1f}s")
     missing = missing_model_files(Path(out))
     if missing:

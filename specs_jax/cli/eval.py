@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     processor = load_processor(processor_path)
     model = load_model(model_path, cfg.model.dtype)
     results = evaluate_model(model, processor, splits, cfg.eval, seed=cfg.train.seed, progress=args.progress,
-                             pipeline=PipelineConfig(image_root=cfg.data.image_root))
+                             pipeline=PipelineConfig(image_root=cfg.data.image_root, format=cfg.data.format))
     print(format_table(results["splits"], cfg.eval.ks))
     out = Path(args.out) if args.out else Path(cfg.train.output_dir) / "eval.json"
     write_json_atomic(out, {"model": str(model_path), "processor": str(processor_path), "seed": cfg.train.seed,

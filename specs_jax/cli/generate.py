@@ -28,6 +28,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-n", "--num-samples", type=int, default=1, help="samples for the prompt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeat for several)")
+    p.add_argument("--eos-id", action="append", type=int, default=[], metavar="ID",
+                   help="stop token id (repeat for several); replaces the default set: the config's and "
+                        "tokenizer's EOS plus generation_config.json's eos_token_id")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype")
     p.set_defaults(run=run)
 
@@ -55,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     model_path = resolve_reference(args.model, args.step)  # a run's latest/best -> that step's directory
     processor = load_processor(model_path)
     model = specs_jax.load_model(model_path, dtype=args.dtype)
-    sampler = Sampler(model, processor, SamplerConfig(max_new_tokens=args.max_new_tokens))
+    sampler = Sampler(model, processor, SamplerConfig(max_new_tokens=args.max_new_tokens), eos_ids=args.eos_id or None)
     out = sampler.generate([args.prompt], [images], n=args.num_samples, params=params, seed=args.seed,
                            stop=args.stop, system=args.system)
     for i, text in enumerate(out.texts):

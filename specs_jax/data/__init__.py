@@ -1,8 +1,8 @@
 """Data preparation for specs-jax.
 
-The pipeline (:mod:`specs_jax.data.pipeline`, grain), processor
-(:mod:`specs_jax.data.tokenizer`) and synthetic dataset (:mod:`specs_jax.data.synth`) names are
-imported lazily on first access.
+The pipeline (:mod:`specs_jax.data.pipeline`, grain), dataset formats (:mod:`specs_jax.data.formats`),
+processor (:mod:`specs_jax.data.tokenizer`) and synthetic dataset (:mod:`specs_jax.data.synth`) names
+are imported lazily on first access.
 """
 
 from specs_jax.data.pairs import PairConfig, PromptSamples, build_pairs, save_pairs
@@ -10,6 +10,8 @@ from specs_jax.data.pairs import PairConfig, PromptSamples, build_pairs, save_pa
 _LAZY = {
     "specs_jax.data.pipeline": ("DataConfig", "Columns", "PAIR_COLUMNS", "load_rows", "rl_batches", "sft_batches",
                                 "preference_batches"),
+    "specs_jax.data.formats": ("FORMATS", "canonical_row", "detect_format", "flat_rows", "resolve_layout"),
+    "specs_jax.data.inspect": ("inspect_rows",),
     "specs_jax.data.tokenizer": ("Processor", "ProcessorConfig", "build_processor", "load_processor",
                                  "model_token_fields"),
     "specs_jax.data.synth": ("SynthConfig", "synth_dataset", "save_synth"),

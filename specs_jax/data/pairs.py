@@ -247,3 +247,49 @@ def save_pairs(dataset: datasets.Dataset, summary: Mapping, out_dir: str | Path)
     (out / "pairs_summary.json").write_text(text + "\n")
     print(text)
     return parquet
+
+
+SHAREGPT_FILE = "pairs_sharegpt.json"
+
+
+def sharegpt_records(dataset: datasets.Dataset, system_prompt: str | None = None) -> list[dict]:
+    """The pairs in LLaMA-Factory's ShareGPT preference format (the format SPECS's cold start was trained
+    with): ``conversations`` (one human turn, the image as an ``<image>`` placeholder before the prompt
+    text unless the prompt places it), ``chosen`` / ``rejected`` (``{"from": "gpt", "value": ...}``),
+    ``images`` (the pair's image reference), ``system`` (when given), plus ``answer``,
+    ``corruption_kind`` and ``source_policy`` (ignored by LLaMA-Factory)."""
+    from specs_jax.data.formats import IMAGE_PLACEHOLDER
+
+    records = []
+    for row in dataset:
+        images = [row["image"]] if row.get("image") else []
+        prompt = row["prompt"]
+        if images and IMAGE_PLACEHOLDER not in prompt:
+            prompt = IMAGE_PLACEHOLDER * len(images) + prompt
+        record = {"conversations": [{"from": "human", "value": prompt}],
+                  "chosen": {"from": "gpt", "value": row["chosen"]},
+                  "rejected": {"from": "gpt", "value": row["rejected"]},
+                  "images": images}
+        if system_prompt is not None:
+            record["system"] = system_prompt
+        record.update({k: row[k] for k in ("answer", "corruption_kind", "source_policy") if k in row})
+        records.append(record)
+    return records
+
+
+def save_sharegpt(dataset: datasets.Dataset, out_dir: str | Path, system_prompt: str | None = None,
+                  name: str = "specs_pairs") -> Path:
+    """Write :func:`sharegpt_records` to ``out_dir/pairs_sharegpt.json`` and a LLaMA-Factory
+    ``dataset_info.json`` registering it as ``name`` (``dataset_dir: out_dir``, ``dataset: name``;
+    relative image paths resolve against ``out_dir``, LLaMA-Factory's default media directory).
+    Returns the JSON path; specs-jax reads it back with ``data.format: sharegpt`` (or auto)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / SHAREGPT_FILE
+    path.write_text(json.dumps(sharegpt_records(dataset, system_prompt), indent=1, ensure_ascii=False) + "\n")
+    columns = {"messages": "conversations", "chosen": "chosen", "rejected": "rejected", "images": "images"}
+    if system_prompt is not None:
+        columns["system"] = "system"
+    info = {name: {"file_name": SHAREGPT_FILE, "formatting": "sharegpt", "ranking": True, "columns": columns}}
+    (out / "dataset_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    return path

@@ -17,12 +17,21 @@ image folder is a metadata file (jsonl/csv/parquet) whose image column holds fil
 against the working directory when it is ``None``). An image cell is a path, a
 ``datasets.Image`` value (bytes and/or path), a PIL image, a list of those, or empty/None for a
 text-only row. :class:`Columns` maps the roles (question, image, answer, solution, response,
-chosen, rejected) to column names; :data:`PAIR_COLUMNS` matches ``specs_jax.data.pairs``.
+chosen, rejected, system) to column names; :data:`PAIR_COLUMNS` matches ``specs_jax.data.pairs``.
 
-Prompts are the processor's chat template: optional system message, then one user message
-with one image entry per image followed by the question, then the assistant header
-(``add_generation_prompt``). A response is its text followed by the eos token ``<|im_end|>``
-(the template's newline after it is not part of the target: generation stops at eos).
+Formats: besides this flat layout the rows may be in the layouts of MM-EUREKA/OpenRLHF, EasyR1,
+verl, TRL or LLaMA-Factory ShareGPT (``DataConfig.format``, ``"auto"``: detected from the
+columns). Every row is first turned into one canonical row (:mod:`specs_jax.data.formats`: chat
+messages with image parts in placeholder order, the images, the targets), so every format gives
+exactly the batches of the same rows in flat form.
+
+Prompts are the processor's chat template: a system message (the data's own, else
+``DataConfig.system_prompt``, else the template's default; ``override_data_system`` makes the
+config's win), then the user message with one image entry per image, where the prompt places
+it (flat: at the question's ``<image>`` placeholders, or all before the question when it has
+none), then the assistant header (``add_generation_prompt``). A response is its text followed by
+the eos token ``<|im_end|>`` (the template's newline after it is not part of the target:
+generation stops at eos).
 
 Batches (``B`` rows, ``L`` a bucket length, ``P`` image patches, ``D = 3*2*14*14``):
 
@@ -57,8 +66,9 @@ Lengths: each batch is padded to the smallest of ``DataConfig.buckets`` that fit
 row, so the text side takes one shape per bucket (the number of image patches per batch still
 varies with the images' sizes and is not bucketed). Bad rows are skipped and counted per reason
 in ``iterator.skipped`` (:data:`SKIP_REASONS`), never raised: a missing or unreadable image, an
-empty question/answer/response, or a sequence (RL: the prompt; SFT/preference: prompt + the
-longest response) longer than the largest bucket. A wrong column name is a configuration error
+empty question/answer/response, a count mismatch between image placeholders and images,
+malformed chat messages, or a sequence (RL: the prompt; SFT/preference: prompt + the longest
+response) longer than the largest bucket. A wrong column name is a configuration error
 and raises when the pipeline is built.
 """
 
@@ -76,18 +86,26 @@ import grain
 import numpy as np
 from PIL import Image
 
+from specs_jax.data.formats import (
+    FORMATS,
+    BadRow,
+    Example,
+    Layout,
+    canonical_row,
+    check_layout,
+    prompt_messages,
+    resolve_layout,
+)
 from specs_jax.data.tokenizer import Processor
 
+__all__ = ["MODES", "PAIR_COLUMNS", "SKIP_REASONS", "BadRow", "BatchIterator", "Columns", "DataConfig", "Example",
+           "Layout", "batches", "collate", "encode_messages", "encode_prompt", "encode_response", "featurize",
+           "layout_of", "load_image", "load_rows", "preference_batches", "prompt_messages", "rl_batches",
+           "sft_batches"]
+
 MODES = ("rl", "sft", "preference")
-SKIP_REASONS = ("missing_image", "unreadable_image", "empty_question", "empty_answer", "empty_response", "too_long")
-
-
-class BadRow(Exception):
-    """A row that cannot be used; ``reason`` is one of :data:`SKIP_REASONS`."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
+SKIP_REASONS = ("missing_image", "unreadable_image", "empty_question", "empty_answer", "empty_response", "too_long",
+                "image_count_mismatch", "bad_messages")
 
 
 @dataclass(frozen=True)
@@ -100,10 +118,12 @@ class Skipped:
 
 @dataclass(frozen=True)
 class Columns:
-    """Column name of each role. ``image``/``answer``/``solution`` may be ``None`` (absent).
+    """Column name of each role. ``image``/``answer``/``solution``/``system`` may be ``None`` (absent).
 
     ``answer`` is required by RL prompts, ``response`` by SFT, ``chosen``/``rejected`` by
-    preference data; ``question`` by all.
+    preference data; ``question`` by all. ``system`` (a per-row system message) is used when the
+    column exists. For a format other than flat, a role set to a non-default name renames that
+    format's column (:func:`specs_jax.data.formats.resolve_layout`).
     """
 
     question: str = "question"
@@ -113,6 +133,7 @@ class Columns:
     response: str = "response"
     chosen: str = "chosen"
     rejected: str = "rejected"
+    system: str | None = "system"
 
 
 PAIR_COLUMNS = Columns(question="prompt")
@@ -126,7 +147,10 @@ class DataConfig:
     ``buckets``: increasing padded lengths; the largest is the length limit.
     ``num_epochs``: passes over the data (``None``: endless). ``drop_remainder``: drop a last
     batch smaller than ``batch_size``. ``image_root``: directory of relative image paths.
-    ``system_prompt``: optional system message (``None``: the template's default).
+    ``system_prompt``: optional system message (``None``: the template's default); a system
+    message in the data wins over it unless ``override_data_system``.
+    ``format``: the rows' layout, ``"auto"`` (detected from the columns) or one of
+    :data:`~specs_jax.data.formats.FORMATS` (:mod:`specs_jax.data.formats`).
     """
 
     columns: Columns = field(default_factory=Columns)
@@ -142,8 +166,12 @@ class DataConfig:
     shard_count: int = 1
     read_threads: int = 2
     prefetch: int = 16
+    format: str = "auto"
+    override_data_system: bool = False
 
     def __post_init__(self) -> None:
+        if self.format not in ("auto", *FORMATS):
+            raise ValueError(f"format must be auto or one of {FORMATS}, got {self.format!r}")
         buckets = tuple(self.buckets)
         if not buckets or any(b <= 0 for b in buckets) or list(buckets) != sorted(set(buckets)):
             raise ValueError(f"buckets must be strictly increasing positive lengths, got {self.buckets}")
@@ -181,7 +209,7 @@ def load_rows(source: str | Path | datasets.Dataset) -> datasets.Dataset:
         reader = _READERS.get(path.suffix.lower())
         if reader is None:
             raise ValueError(f"unsupported data file {path}: expected one of {sorted(_READERS)}")
-        rows = reader(str(path))
+        rows = reader(str(path))  # a json column mixing strings and lists (chat contents) reads as datasets.Json
     for name, feature in rows.features.items():
         if isinstance(feature, datasets.Image):
             rows = rows.cast_column(name, datasets.Image(decode=False))
@@ -190,13 +218,37 @@ def load_rows(source: str | Path | datasets.Dataset) -> datasets.Dataset:
     return rows
 
 
+def _image_source(value: str) -> tuple[bytes | None, str]:
+    """``(bytes or None, path)`` of a string image reference: a path, a ``file://`` URI or a base64
+    ``data:`` URI; remote URLs are refused (nothing is downloaded)."""
+    if value.startswith("data:"):
+        import base64
+
+        try:
+            return base64.b64decode(value.split(",", 1)[1]), "data URI"
+        except (IndexError, ValueError) as error:
+            raise BadRow("unreadable_image", f"bad data URI: {error}") from error
+    if value.startswith(("http://", "https://")):
+        raise BadRow("missing_image", f"{value}: remote images are not downloaded; fetch them and use local paths")
+    if value.startswith("file://"):
+        from urllib.parse import unquote, urlparse
+
+        return None, unquote(urlparse(value).path)
+    return None, value
+
+
 def load_image(value: Any, image_root: str | None) -> Image.Image:
-    """Open one image cell as RGB; raise :class:`BadRow` when it is missing or unreadable."""
+    """Open one image cell as RGB; raise :class:`BadRow` when it is missing or unreadable.
+
+    A cell is a PIL image, a ``{"bytes", "path"}`` dict (``datasets.Image``), a path, a ``file://``
+    URI or a base64 ``data:`` URI."""
     if isinstance(value, Image.Image):
         return value.convert("RGB")
     data, path = None, value
     if isinstance(value, dict):
         data, path = value.get("bytes"), value.get("path")
+    if data is None and isinstance(path, str):
+        data, path = _image_source(path)
     if data is None:
         if not path:
             raise BadRow("missing_image", "empty image reference")
@@ -213,36 +265,21 @@ def load_image(value: Any, image_root: str | None) -> Image.Image:
         raise BadRow("unreadable_image", f"{path or 'bytes'}: {error}") from error
 
 
-def _image_cells(value: Any) -> list[Any]:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
 # ----------------------------------------------------------------------------- pure processing
 
-def _text(row: dict[str, Any], column: str | None, reason: str) -> str:
-    value = row.get(column) if column is not None else None
-    if value is None or not str(value).strip():
-        raise BadRow(reason, f"column {column!r} is empty")
-    return str(value)
-
-
-def prompt_messages(question: str, n_images: int, system_prompt: str | None = None) -> list[dict[str, Any]]:
-    """Chat messages of a prompt: optional system message, user message with images first."""
-    content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": question}]
-    system = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
-    return system + [{"role": "user", "content": content}]
+def encode_messages(processor: Processor, messages: list[dict[str, Any]],
+                    images: Sequence[Image.Image]) -> dict[str, np.ndarray]:
+    """Render chat ``messages`` with the chat template (assistant header added) and tokenise them with
+    ``images``, one per image part in order (``Processor.encode`` outputs)."""
+    text = processor.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return processor.encode(text, images)
 
 
 def encode_prompt(
     processor: Processor, question: str, images: Sequence[Image.Image], system_prompt: str | None = None
 ) -> dict[str, np.ndarray]:
-    """Render the prompt with the chat template and tokenise it (``Processor.encode`` outputs)."""
-    text = processor.tokenizer.apply_chat_template(
-        prompt_messages(question, len(images), system_prompt), add_generation_prompt=True, tokenize=False
-    )
-    return processor.encode(text, images)
+    """Render a flat prompt (:func:`prompt_messages`) with the chat template and tokenise it."""
+    return encode_messages(processor, prompt_messages(question, len(images), system_prompt), images)
 
 
 def encode_response(processor: Processor, response: str) -> np.ndarray:
@@ -251,36 +288,38 @@ def encode_response(processor: Processor, response: str) -> np.ndarray:
     return np.asarray(tokenizer(response + tokenizer.eos_token, add_special_tokens=False)["input_ids"], np.int32)
 
 
-def featurize(row: dict[str, Any], row_id: int, mode: str, processor: Processor, config: DataConfig) -> dict[str, Any]:
+def layout_of(row: dict[str, Any], config: DataConfig) -> Layout:
+    """The :class:`~specs_jax.data.formats.Layout` of a single row (its keys and values) under ``config``."""
+    return resolve_layout(list(row), config.format, config.columns, sample=row)
+
+
+def featurize(row: dict[str, Any], row_id: int, mode: str, processor: Processor, config: DataConfig,
+              layout: Layout | None = None) -> dict[str, Any]:
     """One source row -> features of ``mode``; raises :class:`BadRow` for an unusable row.
 
-    Features: ``row_id``, ``sequences`` (token arrays: the prompt for RL, prompt + response
-    for SFT, prompt + chosen and prompt + rejected for preference), ``loss_masks`` (aligned,
-    1 on response tokens), ``pixel_values``, ``image_grid_thw``, and for RL the ``question``,
-    ``answer`` and ``solution`` strings.
+    The row is first put in canonical form (:func:`~specs_jax.data.formats.canonical_row` under
+    ``layout``, default: the row's own), so every format gives the same features. Features:
+    ``row_id``, ``sequences`` (token arrays: the prompt for RL, prompt + response for SFT, prompt +
+    chosen and prompt + rejected for preference), ``loss_masks`` (aligned, 1 on response tokens),
+    ``pixel_values``, ``image_grid_thw``, and for RL the ``question``, ``answer`` and ``solution`` strings.
     """
-    columns = config.columns
-    question = _text(row, columns.question, "empty_question")
+    example = canonical_row(row, layout or layout_of(row, config), mode)
     if mode == "rl":
-        answer = _text(row, columns.answer, "empty_answer")
         responses: list[np.ndarray] = []
     elif mode == "sft":
-        responses = [encode_response(processor, _text(row, columns.response, "empty_response"))]
+        responses = [encode_response(processor, example.response)]
     else:
-        responses = [encode_response(processor, _text(row, c, "empty_response")) for c in (columns.chosen,
-                                                                                           columns.rejected)]
-    cells = _image_cells(row.get(columns.image)) if columns.image is not None else []
-    images = [load_image(cell, config.image_root) for cell in cells]
-    prompt = encode_prompt(processor, question, images, config.system_prompt)
+        responses = [encode_response(processor, example.chosen), encode_response(processor, example.rejected)]
+    images = [load_image(cell, config.image_root) for cell in example.images]
+    prompt = encode_messages(processor, example.messages(config.system_prompt, config.override_data_system), images)
     prompt_ids = prompt["input_ids"]
     length = len(prompt_ids) + max((len(r) for r in responses), default=0)
     if length > config.buckets[-1]:
         raise BadRow("too_long", f"{length} tokens > largest bucket {config.buckets[-1]}")
     features = {"row_id": row_id, "pixel_values": prompt["pixel_values"], "image_grid_thw": prompt["image_grid_thw"]}
     if mode == "rl":
-        solution = row.get(columns.solution) if columns.solution is not None else None
         return {**features, "sequences": [prompt_ids], "loss_masks": [np.zeros(len(prompt_ids), np.int32)],
-                "question": question, "answer": answer, "solution": None if solution is None else str(solution)}
+                "question": example.question, "answer": example.answer, "solution": example.solution}
     sequences = [np.concatenate([prompt_ids, r]) for r in responses]
     masks = [np.concatenate([np.zeros(len(prompt_ids), np.int32), np.ones(len(r), np.int32)]) for r in responses]
     return {**features, "sequences": sequences, "loss_masks": masks}
@@ -406,30 +445,24 @@ class _Batch(grain.IterDataset):
         return BatchIterator(self._parent.__iter__(), *self._args)
 
 
-def _check_columns(rows: datasets.Dataset, mode: str, columns: Columns) -> None:
-    required = {"rl": ("question", "answer"), "sft": ("question", "response"),
-                "preference": ("question", "chosen", "rejected")}[mode]
-    named = {role: getattr(columns, role) for role in ("question", "image", "answer", "solution", "response",
-                                                       "chosen", "rejected")}
-    for role in required:
-        if named[role] is None:
-            raise ValueError(f"{mode} data needs a {role!r} column, but Columns.{role} is None")
-    optional = ("image", "solution")
-    for role in (*required, *optional):
-        if named[role] is not None and named[role] not in rows.column_names:
-            raise ValueError(f"column {named[role]!r} (Columns.{role}) not found; columns: {rows.column_names}")
+def _layout(rows: datasets.Dataset, mode: str, config: DataConfig) -> Layout:
+    """The rows' layout under ``config``, checked for ``mode`` (a configuration error raises)."""
+    sample = rows[0] if len(rows) else None
+    layout = resolve_layout(rows.column_names, config.format, config.columns, rows.features, sample)
+    check_layout(layout, rows.column_names, mode)
+    return layout
 
 
 def batches(rows: datasets.Dataset, processor: Processor, config: DataConfig, mode: str) -> BatchIterator:
     """The batch iterator of ``mode`` (one of :data:`MODES`); see the module docstring."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    _check_columns(rows, mode, config.columns)
+    layout = _layout(rows, mode, config)
     pad_id = processor.tokenizer.pad_token_id
 
     def process(row_id: int, row: dict[str, Any]) -> dict[str, Any] | Skipped:
         try:
-            return featurize(row, row_id, mode, processor, config)
+            return featurize(row, row_id, mode, processor, config, layout)
         except BadRow as bad:
             return Skipped(row_id, bad.reason)
 

@@ -24,7 +24,12 @@ The image processor is transformers' Qwen2-VL image processor (PIL backend) with
 or a real Qwen2.5-VL checkpoint directory, with ``AutoTokenizer`` and ``AutoImageProcessor``
 only. It does not go through ``AutoProcessor``: transformers 5 cannot build a
 ``Qwen2_5_VLProcessor`` without ``torchvision`` (its required video processor needs it), and
-specs-jax does not depend on torch. :meth:`Processor.encode` does the processor's one
+specs-jax does not depend on torch. The chat template is the processor's as transformers
+resolves it (``chat_template.json``, else ``chat_template.jinja``, else the ``chat_template`` of
+``processor_config.json``: :func:`processor_chat_template`), else the tokenizer's
+(``tokenizer_config.json``). The EOS ids of ``generation_config.json`` (Qwen2.5-VL-Instruct lists
+``<|im_end|>`` and ``<|endoftext|>``) are kept in :attr:`Processor.eos_token_ids`; the sampler
+stops at them too. :meth:`Processor.encode` does the processor's one
 text-side step, expanding each ``<|image_pad|>`` to ``t*h*w / merge_size**2`` copies.
 
 :func:`model_token_fields` gives the ``config.json`` fields (token ids, vocab size) a model needs
@@ -107,6 +112,7 @@ class Processor:
 
     tokenizer: Any
     image_processor: Any
+    eos_token_ids: tuple[int, ...] = ()  # generation_config.json's eos_token_id (the sampler stops at them)
 
     @property
     def image_token_id(self) -> int:
@@ -184,9 +190,38 @@ def build_processor(corpus: Iterable[str], config: ProcessorConfig = ProcessorCo
     return Processor(train_tokenizer(corpus, config), image_processor)
 
 
+def processor_chat_template(path: str | Path) -> str | None:
+    """The chat template a transformers processor loads from ``path`` (``chat_template.json``, else
+    ``chat_template.jinja``, else ``processor_config.json``'s; the ``"default"`` one of several), or ``None``."""
+    from transformers.processing_utils import ProcessorMixin
+
+    processor_dict, _ = ProcessorMixin.get_processor_dict(str(path), local_files_only=True)
+    template = processor_dict.get("chat_template")
+    if isinstance(template, dict):
+        template = template.get("default")
+    return template
+
+
+def generation_eos_ids(path: str | Path) -> tuple[int, ...]:
+    """``eos_token_id`` of ``path/generation_config.json`` as a tuple (empty without the file or the key)."""
+    if not (Path(path) / "generation_config.json").is_file():
+        return ()
+    from transformers import GenerationConfig
+
+    eos = GenerationConfig.from_pretrained(str(path), local_files_only=True).eos_token_id
+    if eos is None:
+        return ()
+    return tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
+
+
 def load_processor(path: str | Path) -> Processor:
     """Load a :class:`Processor` from a local directory (ours or a Qwen2.5-VL checkpoint), offline; a
-    training checkpoint (``RUN``, ``RUN/checkpoints/STEP``) gives the processor of the run's model."""
+    training checkpoint (``RUN``, ``RUN/checkpoints/STEP``) gives the processor of the run's model.
+
+    The chat template: the processor's (:func:`processor_chat_template`), else the tokenizer's
+    (``tokenizer_config.json`` / ``chat_template.jinja``); none at all is an error. ``eos_token_ids``:
+    :func:`generation_eos_ids`.
+    """
     from transformers import AutoImageProcessor, AutoTokenizer
 
     from specs_jax.convert.training import checkpoint_files_dir
@@ -199,9 +234,13 @@ def load_processor(path: str | Path) -> Processor:
             raise FileNotFoundError(f"no {name} in processor directory {path}{hint}")
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True, backend="pil")
+    template = processor_chat_template(path)
+    if template is not None:
+        tokenizer.chat_template = template
     if tokenizer.chat_template is None:
-        raise ValueError(f"the tokenizer in {path} has no chat template")
-    return Processor(tokenizer, image_processor)
+        raise ValueError(f"no chat template in {path}: none in chat_template.json, chat_template.jinja, "
+                         "processor_config.json or tokenizer_config.json")
+    return Processor(tokenizer, image_processor, generation_eos_ids(path))
 
 
 def model_token_fields(tokenizer, pad_vocab_to: int = 64) -> dict[str, int]:

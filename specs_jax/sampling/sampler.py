@@ -151,10 +151,12 @@ class Sampler:
         hf = model.config.hf_config
         text = hf.get("text_config") or {}
         default_eos = hf.get("eos_token_id", text.get("eos_token_id"))
-        if eos_ids is None:
+        if eos_ids is None:  # the config's, the tokenizer's and generation_config.json's (Processor.eos_token_ids)
             eos_ids = [default_eos] if isinstance(default_eos, int) else list(default_eos or [])
+            eos_ids += list(getattr(processor, "eos_token_ids", ()) or ())
             if tokenizer is not None and tokenizer.eos_token_id is not None:
-                eos_ids = sorted({*eos_ids, tokenizer.eos_token_id})
+                eos_ids.append(tokenizer.eos_token_id)
+            eos_ids = sorted(set(eos_ids))
         if not eos_ids:
             raise ValueError("no EOS token id: pass eos_ids= or use a config/tokenizer that defines one")
         self.eos_ids = tuple(int(e) for e in eos_ids)

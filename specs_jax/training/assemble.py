@@ -80,7 +80,8 @@ def process_data(cfg: RunConfig, data_kind: str, model_cfg: Any, processor: Any 
     pipe = DataConfig(columns=Columns(**cfg.data.columns), batch_size=local,
                       buckets=tuple(cfg.data.buckets) or (cfg.train.max_length,), seed=cfg.train.seed,
                       num_epochs=None, system_prompt=system_prompt, image_root=cfg.data.image_root,
-                      shard_index=jax.process_index(), shard_count=jax.process_count())
+                      shard_index=jax.process_index(), shard_count=jax.process_count(), format=cfg.data.format,
+                      override_data_system=cfg.data.override_data_system)
     train_rows = load_rows(cfg.data.train_path)
     check_processes_agree(train_rows=len(train_rows))
     eval_data = None

@@ -136,7 +136,9 @@ class DataConfig:
     image_root: str | None = None  # files: directory of relative image paths
     buckets: list = dataclasses.field(default_factory=list)  # files: padded lengths (increasing)
     columns: dict = dataclasses.field(default_factory=dict)  # files: role -> column name (pipeline.Columns)
+    format: str = "auto"  # files: auto | flat | mm_eureka | easyr1 | verl | trl | sharegpt (data.formats)
     system_prompt: str | None = None  # files: system message of every prompt (null: the template's default)
+    override_data_system: bool = False  # files: true: system_prompt replaces system messages found in the data
     response_fraction: float = 0.5  # synthetic: share of each row that is response
     num_batches: int = 0  # synthetic: cycle over this many distinct batches (1: a fixed batch); 0: endless
     image_grid: list = dataclasses.field(default_factory=list)  # synthetic: [t, h, w] patches of one image per row
@@ -198,6 +200,7 @@ CHOICES = {
     "checkpoint.best_mode": ("min", "max"),
     "data.source": ("synthetic", "files"),
     "rl.scale_rewards": (None, "group", "batch", "none"),
+    "data.format": ("auto", "flat", "mm_eureka", "easyr1", "verl", "trl", "sharegpt"),
 }
 POSITIVE = ("train.steps", "train.batch_size", "train.max_length", "train.log_every", "optim.grad_accum_steps",
             "checkpoint.keep_last_n", "data.eval_batches", "rl.group_size", "rl.max_new_tokens",
