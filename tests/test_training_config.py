@@ -158,12 +158,13 @@ def test_micro_batches_carry_their_rows_images():
     np.testing.assert_array_equal(stacked.mask[1, :, :-1], expected_mask)
     assert not stacked.mask[..., -1].any()
 
-    # 4 pairs = 8 rows (chosen 0-3, rejected 4-7); micro-batch 1 holds pairs 2, 3: rows 2, 3, 6, 7
+    # 4 pairs = 8 rows (chosen 0-3, rejected 4-7); micro-batch 1 holds pairs 2, 3, each chosen row then its
+    # rejected row: rows 2, 6, 3, 7
     pairs = random_dpo_batch(cfg, np.random.RandomState(1), 4, 24, image_grid=(1, 4, 4))
     assert pairs["input_ids"].shape == (8, 24) and pairs["pixel_values"].shape == (8 * 16, 1176)
     seq = prepare_dpo(cfg, pairs, 2)
-    np.testing.assert_array_equal(seq.inputs.input_ids[1], pairs["input_ids"][[2, 3, 6, 7]])
-    patches = pairs["pixel_values"].reshape(8, 16, -1)[[2, 3, 6, 7]].reshape(64, -1)
+    np.testing.assert_array_equal(seq.inputs.input_ids[1], pairs["input_ids"][[2, 6, 3, 7]])
+    patches = pairs["pixel_values"].reshape(8, 16, -1)[[2, 6, 3, 7]].reshape(64, -1)
     np.testing.assert_array_equal(seq.inputs.vision.pixel_values[1], patches)
     # a pair shares its prompt (and image)
     prompt = int(pairs["loss_mask"][0].argmax())
