@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from specs_jax.model.config import DTYPES
+from specs_jax.model.config import ATTENTION_BACKENDS, DTYPES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -25,6 +25,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeat for several)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype")
+    p.add_argument("--attention", choices=ATTENTION_BACKENDS, default="auto",
+                   help="attention backend: auto (splash on TPU, cudnn on GPU, blockwise on CPU), xla (dense-mask "
+                        "reference), splash, cudnn, blockwise (default: %(default)s)")
     p.set_defaults(run=run)
 
 
@@ -47,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         except OSError as e:
             raise ValueError(f"--image {file}: not a readable image ({e})") from e
     processor = load_processor(args.model)
-    model = specs_jax.load_model(args.model, dtype=args.dtype)
+    model = specs_jax.load_model(args.model, dtype=args.dtype, attention=args.attention)
     sampler = Sampler(model, processor, SamplerConfig(max_new_tokens=args.max_new_tokens))
     out = sampler.generate([args.prompt], [images], n=args.num_samples, params=params, seed=args.seed,
                            stop=args.stop, system=args.system)

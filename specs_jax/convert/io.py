@@ -194,14 +194,16 @@ def _build(cfg: ModelConfig, params: dict[str, np.ndarray]) -> Qwen2_5_VLForCond
 
 
 def load_model(path: str | os.PathLike, dtype: str = "float32", *, param_dtype: str | None = None,
-               remat: str = "none") -> Qwen2_5_VLForConditionalGeneration:
+               remat: str = "none", attention: str = "auto") -> Qwen2_5_VLForConditionalGeneration:
     """Load Qwen2.5-VL from an HF directory (config.json + safetensors, sharded or not) or from an
     Orbax checkpoint directory written by this project.
 
-    ``dtype`` is the compute dtype; ``param_dtype`` (default: ``dtype``) the parameters' dtype.
+    ``dtype`` is the compute dtype; ``param_dtype`` (default: ``dtype``) the parameters' dtype;
+    ``attention`` the attention backend (``auto | xla | splash | cudnn | blockwise``, see
+    :mod:`specs_jax.model.attention`).
     """
     path = Path(path)
-    cfg = load_config(path, dtype=dtype, param_dtype=param_dtype, remat=remat)
+    cfg = load_config(path, dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention)
     if _is_orbax_dir(path):
         params = restore_orbax_params(path, cfg)
         check_tensors(cfg, {n: s for k, v in params.items() for n, s in hf_names(k, v.shape)})
