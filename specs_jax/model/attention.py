@@ -26,7 +26,7 @@ Backends (``ModelConfig.attention``, run config ``model.attention``):
   ``shard_map`` over the batch and head axes of the ambient mesh. Off TPU it runs in Pallas
   interpret mode (tests). Default on TPU.
 - ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")`` where its constraints hold
-  (GPU, bf16/fp16, head_dim <= 128 and a multiple of 8, causal self-attention whose segment ids are
+  (a CUDA GPU, bf16/fp16, cuDNN's head_dim limits, causal self-attention whose segment ids are
   padding around one contiguous real span), else a logged fallback to ``blockwise``. Default on GPU.
 - ``auto``: splash on TPU, cudnn on GPU, blockwise elsewhere (resolved when the model is traced).
 
@@ -36,6 +36,7 @@ scores are O(S)); a ragged paged-attention decode kernel is future work.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import NamedTuple
 
@@ -154,45 +155,59 @@ def xla_attention(q, k, v, segments: Segments, *, scale: float, causal: bool) ->
 # cuDNN (GPU)
 # --------------------------------------------------------------------------------------------
 
-def cudnn_unsupported_reason(q, k, *, causal: bool, self_attention: bool) -> str | None:
-    """Why ``jax.nn.dot_product_attention(implementation="cudnn")`` cannot serve this call, or None."""
+def cudnn_unsupported_reason(q, *, causal: bool, self_attention: bool) -> str | None:
+    """Why ``jax.nn.dot_product_attention(implementation="cudnn")`` cannot serve this call (checked before
+    tracing it; cuDNN's own checks, e.g. the head_dim limit of the GPU, raise while tracing), or None."""
     if jax.default_backend() not in ("gpu", "cuda"):
         return f"the default backend is {jax.default_backend()}, not a CUDA GPU"
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         return f"dtype {q.dtype} (cuDNN flash attention takes bfloat16/float16)"
-    d = q.shape[-1]
-    if d > 128 or d % 8:
-        return f"head_dim {d} (cuDNN needs <= 128 and a multiple of 8)"
     if not (causal and self_attention):
-        return ("segment ids other than padding around one causal sequence (the vision tower's windows; "
-                "jax.nn.dot_product_attention only takes sequence lengths)")
+        return ("not causal self-attention over one sequence per row (e.g. the vision tower's windows: "
+                "jax.nn.dot_product_attention takes sequence lengths, not segment ids)")
     return None
 
 
 def cudnn_attention(q, k, v, segments: Segments, *, scale: float, causal: bool) -> jax.Array:
-    """cuDNN flash attention for causal self-attention of padded rows.
+    """cuDNN flash attention for causal self-attention of padded rows, else blockwise (logged).
 
-    Contract (the model's decoder batches): each row's segment ids are ``PADDING_SEGMENT`` except one
-    contiguous span of real tokens (left or right padding). The rows are rolled so the span starts at
-    0, cuDNN runs with ``query_seq_lengths = key_value_seq_lengths = span length`` and the output is
-    rolled back (outputs at padding positions are zero). Anything else falls back to blockwise."""
-    self_attention = q.shape[1] == k.shape[1] and segments.q is segments.kv
-    reason = cudnn_unsupported_reason(q, k, causal=causal, self_attention=self_attention)
-    if reason is None:
-        try:
-            return _cudnn_padded(q, k, v, segments.q, scale)
-        except Exception as e:  # noqa: BLE001 - cuDNN refuses at trace time (version, shapes)
-            reason = f"cuDNN refused: {type(e).__name__}: {e}"
-    _log_once(("cudnn", reason), "attention: cudnn unavailable (%s); falling back to blockwise", reason)
+    cuDNN's API takes per-row sequence lengths, not segment ids. When every row's segment ids are
+    ``PADDING_SEGMENT`` around one contiguous span of one real id (left or right padding: the model's
+    decoder batches; checked at run time), the rows are rolled so the span starts at 0, cuDNN runs with
+    ``query_seq_lengths = key_value_seq_lengths = span length`` and the output is rolled back (zero at
+    padding positions). Batches that do not have this form take the blockwise path (``lax.cond``)."""
     from specs_jax.model.attention_blockwise import blockwise_attention
 
-    return blockwise_attention(q, k, v, segments, scale=scale, causal=causal)
+    blockwise = lambda q, k, v: blockwise_attention(q, k, v, segments, scale=scale, causal=causal)
+    self_attention = q.shape[1] == k.shape[1] and segments.kv_lengths is None
+    reason = cudnn_unsupported_reason(q, causal=causal, self_attention=self_attention)
+    if reason is None:
+        seg = segments.q
+        try:
+            jax.eval_shape(functools.partial(_cudnn_padded, scale=scale), q, k, v, seg)  # runs cuDNN's checks
+        except Exception as e:  # noqa: BLE001 - cuDNN refuses while tracing (version, head_dim, shapes)
+            reason = f"cuDNN refused: {type(e).__name__}: {e}"
+    if reason is not None:
+        _log_once(("cudnn", reason), "attention: cudnn unavailable (%s); falling back to blockwise", reason)
+        return blockwise(q, k, v)
+    ok = _one_padded_span(segments.q) & jnp.all(segments.q == segments.kv)
+    return jax.lax.cond(ok, lambda q, k, v: _cudnn_padded(q, k, v, segments.q, scale=scale), blockwise, q, k, v)
 
 
-def _cudnn_padded(q, k, v, seg, scale):
+def _one_padded_span(seg: jax.Array) -> jax.Array:
+    """True when every row of ``seg [B, T]`` is padding around at most one span of one real segment id."""
+    real = seg != PADDING_SEGMENT
+    starts = real & ~jnp.pad(real, ((0, 0), (1, 0)))[:, :-1]
+    big = jnp.iinfo(jnp.int32).max
+    lo = jnp.where(real, seg, big).min(1)
+    hi = jnp.where(real, seg, -big).max(1)
+    return jnp.all(starts.sum(1) <= 1) & jnp.all((lo == hi) | ~real.any(1))
+
+
+def _cudnn_padded(q, k, v, seg, *, scale):
     t = q.shape[1]
     real = seg != PADDING_SEGMENT
-    length = real.sum(1).astype(jnp.int32)
+    length = jnp.maximum(real.sum(1), 1).astype(jnp.int32)
     start = jnp.argmax(real, axis=1).astype(jnp.int32)
     idx = (jnp.arange(t)[None, :] + start[:, None]) % t  # rolled[i] = x[start + i]
     roll = lambda x: jnp.take_along_axis(x, idx[:, :, None, None], axis=1)
