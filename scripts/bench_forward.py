@@ -6,8 +6,14 @@ The loss is the mean next-token cross-entropy over a batch of text rows, one of 
 image, so both the vision tower and the decoder are differentiated. Compilation is timed
 separately and excluded from the steady-state figure.
 
+specs-jax runs once per attention backend (``--attention``, default: the XLA dense-mask reference
+and blockwise, plus the machine's default backend if it is another one: splash on TPU, cuDNN on
+GPU). Then the temporary memory of the compiled forward+backward at ``--mem-batch x --mem-seq``
+(default 2 x 2048; compiled only, never run) is printed per backend, from XLA's memory analysis.
+The last line is the speed ratio of the machine's default backend (``model.attention=auto``).
+
     python scripts/bench_forward.py                # default ~60M config, batch 4 x 256
-    python scripts/bench_forward.py --batch 8 --seq 512 --iters 5
+    python scripts/bench_forward.py --batch 8 --seq 512 --iters 5 --attention blockwise
 """
 
 from __future__ import annotations
@@ -55,25 +61,39 @@ def time_it(fn, iters: int) -> float:
     return float(np.median(times))
 
 
-def bench_jax(path, ids, pixels, grid, iters):
+def make_step(labels, chunked: bool = False):
+    """Jitted ``(loss, grads)`` of the mean next-token NLL: from full logits (the timed step, as
+    transformers computes it) or, ``chunked``, from the hidden states with the trainer's
+    vocabulary-chunked log-probs (``token_logps_from_hidden``: no ``[B, T, V]`` logits)."""
     import jax
     import optax
     from flax import nnx
 
-    import specs_jax
-    from specs_jax.model import prepare_inputs
-
-    model = specs_jax.load_model(path)
-    inputs = prepare_inputs(model.config, ids, None, pixels, grid)
-    labels = jax.numpy.asarray(ids[:, 1:])
+    from specs_jax.losses import token_logps_from_hidden
 
     @nnx.jit
     def step(model, inputs):
         def loss_fn(model):
+            if chunked:
+                hidden = model.hidden_states(inputs)[:, :-1]
+                return -token_logps_from_hidden(hidden, model.lm_head_weight().astype(hidden.dtype), labels).mean()
             logits = model.forward(inputs)[:, :-1].astype(jax.numpy.float32)
             return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
         return nnx.value_and_grad(loss_fn)(model)
+
+    return step
+
+
+def bench_jax(path, ids, pixels, grid, iters, attention="auto"):
+    import jax
+
+    import specs_jax
+    from specs_jax.model import prepare_inputs
+
+    model = specs_jax.load_model(path, attention=attention)
+    inputs = prepare_inputs(model.config, ids, None, pixels, grid)
+    step = make_step(jax.numpy.asarray(ids[:, 1:]))
 
     start = time.perf_counter()
     loss, grads = step(model, inputs)
@@ -81,6 +101,43 @@ def bench_jax(path, ids, pixels, grid, iters):
     compile_s = time.perf_counter() - start
     run = lambda: jax.block_until_ready(step(model, inputs))
     return float(loss), compile_s, time_it(run, iters)
+
+
+def temp_memory(path, ids, pixels, grid, attention, chunked: bool) -> int:
+    """Bytes of XLA temporaries of the compiled forward+backward step (compiled, not run)."""
+    import jax
+    from flax import nnx
+
+    import specs_jax
+    from specs_jax.model import prepare_inputs
+
+    model = specs_jax.load_model(path, attention=attention)
+    inputs = prepare_inputs(model.config, ids, None, pixels, grid)
+    step = make_step(jax.numpy.asarray(ids[:, 1:]), chunked)
+    graphdef, state = nnx.split(model)
+    fn = jax.jit(lambda state, inputs: step(nnx.merge(graphdef, state), inputs))
+    return int(fn.lower(state, inputs).compile().memory_analysis().temp_size_in_bytes)
+
+
+def attention_temp_memory(cfg, batch: int, seq: int, attention: str) -> int:
+    """Bytes of XLA temporaries of one decoder layer's attention, forward+backward, at ``batch x seq``."""
+    import jax
+    import jax.numpy as jnp
+
+    from specs_jax.model.attention import Segments
+    from specs_jax.model.attention import attention as attend
+
+    t = cfg.text_config
+    n, k, d = t.num_attention_heads, t.num_key_value_heads, t.hidden_size // t.num_attention_heads
+    sds = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+
+    def loss(q, kk, v, seg):
+        return attend(q, kk, v, Segments(seg, seg), scale=d**-0.5, causal=True, backend=attention).sum()
+
+    lowered = jax.jit(jax.grad(loss, (0, 1, 2))).lower(sds(batch, seq, n, d), sds(batch, seq, k, d),
+                                                       sds(batch, seq, k, d), jax.ShapeDtypeStruct((batch, seq),
+                                                                                                   jnp.int32))
+    return int(lowered.compile().memory_analysis().temp_size_in_bytes)
 
 
 def bench_torch(path, ids, pixels, grid, iters):
@@ -104,6 +161,12 @@ def bench_torch(path, ids, pixels, grid, iters):
     return loss, time_it(step, iters)
 
 
+def jax_platform() -> str:
+    import jax
+
+    return jax.default_backend()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", type=int, default=512)
@@ -113,6 +176,12 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--attention", action="append", default=None,
+                   choices=("auto", "xla", "blockwise", "splash", "cudnn"),
+                   help="specs-jax attention backend to time (repeat for several; default: xla, blockwise and the "
+                        "machine's default)")
+    p.add_argument("--mem-batch", type=int, default=2)
+    p.add_argument("--mem-seq", type=int, default=2048, help="0: skip the memory comparison")
     args = p.parse_args()
 
     import torch
@@ -128,14 +197,36 @@ def main() -> None:
     ids, pixels, grid = make_batch(args, cfg)
     print(f"config: {n_params / 1e6:.1f}M params, batch {args.batch} x {args.seq} tokens (one 224px image), "
           f"torch threads {torch.get_num_threads()}")
+    from specs_jax.model.attention import resolve_backend
+
+    default = resolve_backend("auto")
+    backends = list(dict.fromkeys(resolve_backend(a) for a in (args.attention or ["xla", "blockwise", default])))
     loss_t, torch_s = bench_torch(path, ids, pixels, grid, args.iters)
-    loss_j, compile_s, jax_s = bench_jax(path, ids, pixels, grid, args.iters)
+    results = {a: bench_jax(path, ids, pixels, grid, args.iters, a) for a in backends}
     tokens = args.batch * args.seq
-    print(f"loss: specs-jax {loss_j:.6f}  transformers {loss_t:.6f}")
-    print(f"transformers fwd+bwd: {torch_s * 1e3:8.1f} ms/step  {tokens / torch_s:9.0f} tokens/s")
-    print(f"specs-jax    fwd+bwd: {jax_s * 1e3:8.1f} ms/step  {tokens / jax_s:9.0f} tokens/s  "
-          f"(first call incl. compile {compile_s:.1f} s)")
-    print(f"speed ratio specs-jax / transformers: {torch_s / jax_s:.2f}x")
+    print(f"loss: transformers {loss_t:.6f}  " + "  ".join(f"specs-jax[{a}] {r[0]:.6f}" for a, r in results.items()))
+    print(f"transformers          fwd+bwd: {torch_s * 1e3:8.1f} ms/step  {tokens / torch_s:9.0f} tokens/s")
+    for a, (_, compile_s, jax_s) in results.items():
+        print(f"specs-jax {a:<11} fwd+bwd: {jax_s * 1e3:8.1f} ms/step  {tokens / jax_s:9.0f} tokens/s  "
+              f"(first call incl. compile {compile_s:.1f} s)  ratio {torch_s / jax_s:.2f}x")
+    if args.mem_seq:
+        m_args = argparse.Namespace(**{**vars(args), "batch": args.mem_batch, "seq": args.mem_seq})
+        m_ids, m_pixels, m_grid = make_batch(m_args, cfg)
+        shape = f"batch {args.mem_batch} x {args.mem_seq}"
+        for what, measure in (
+                ("model step, full-logits loss (as timed)",
+                 lambda a: temp_memory(path, m_ids, m_pixels, m_grid, a, chunked=False)),
+                ("model step, trainer's chunked log-probs loss",
+                 lambda a: temp_memory(path, m_ids, m_pixels, m_grid, a, chunked=True)),
+                ("one decoder layer's attention",
+                 lambda a: attention_temp_memory(cfg, args.mem_batch, args.mem_seq, a))):
+            temps = {a: measure(a) for a in ("xla", "blockwise")}
+            line = "  ".join(f"{a} {t / 2**20:7.1f} MiB" for a, t in temps.items())
+            print(f"temp memory of fwd+bwd at {shape}, {what}: {line}  "
+                  f"(xla / blockwise {temps['xla'] / temps['blockwise']:.1f}x)")
+    ref = default if default in results else backends[-1]
+    print(f"default attention backend on {jax_platform()}: {default}" + ("" if ref == default else f" (timed: {ref})"))
+    print(f"speed ratio specs-jax / transformers: {torch_s / results[ref][2]:.2f}x")
 
 
 if __name__ == "__main__":

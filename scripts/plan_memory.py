@@ -11,6 +11,17 @@ here before jax is imported), and prints the per-device memory of the compiled p
     python scripts/plan_memory.py qwen2.5-vl-7b --mesh data=1,fsdp=16,tensor=1 --stage grpo
     python scripts/plan_memory.py qwen2.5-vl-72b --mesh data=1,fsdp=16,tensor=4 --stage grpo
     python scripts/plan_memory.py tiny --mesh data=2,fsdp=2,tensor=2 --stage dpo --seq-len 64 --json
+    # the paper's RL sequences (4096-token prompt bucket + 10240 response tokens), per attention backend:
+    python scripts/plan_memory.py qwen2.5-vl-7b --mesh data=1,fsdp=16,tensor=1 --stage grpo --seq-len 14336 \
+        --attention splash --json
+
+Attention (``--attention``, the run config's ``model.attention``): ``xla`` is the dense-mask
+reference, whose backward holds ``[rows, heads, T, T]`` fp32 scores/probabilities of a layer (at
+T = 14336 and 28 heads: ~23 GB per row and array); ``blockwise`` (default) is the pure-JAX flash
+attention, O(T); ``splash`` is the Pallas TPU kernel. These fake devices are CPU devices, which
+cannot compile the TPU (Mosaic) kernel: splash is compiled in Pallas *interpret mode* (the kernel's
+grid as an XLA loop over the same blocks), so its figures stand in for the TPU kernel's, like the
+blockwise ones do (both keep O(T) per layer; the script says so in its output).
 
 What is counted (per device; one device of the mesh, all devices hold the same amount):
 
@@ -64,6 +75,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 MESH_AXES = ("data", "fsdp", "tensor")  # = specs_jax.training.sharding.MESH_AXES (not imported: jax must wait)
 STAGES = ("sft", "dpo", "grpo")
+ATTENTION_CHOICES = ("xla", "blockwise", "splash")  # backends that compile for CPU devices (cudnn needs a GPU)
+ATTENTION_NOTES = {
+    "xla": "dense-mask reference: the backward of each layer holds [rows, heads, T, T] fp32 scores and "
+           "probabilities (O(T^2))",
+    "blockwise": "pure-JAX flash attention (online softmax over blocks, recomputing backward): O(T); it also "
+                 "stands in for the O(T) TPU/GPU kernels (splash, cuDNN) that these CPU devices cannot compile",
+    "splash": "Pallas TPU splash attention compiled in Pallas INTERPRET mode on these CPU devices (the Mosaic TPU "
+              "kernel cannot compile for CPU): the figures are those of the interpreted kernel (same blocks, "
+              "O(T)), a stand-in for the TPU kernel's",
+}
 GIB = 1024**3
 EXIT_DOES_NOT_FIT = 3
 
@@ -105,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which step: sft (token-mean NLL), dpo (dpo_hybrid loss with the frozen reference "
                         "params as extra input, computed per batch as model.reference=batch does), grpo (GRPO "
                         "loss; rows carry old log-probs [R,T] and advantages [R]) (default: %(default)s)")
-    p.add_argument("--seq-len", type=int, default=4096, help="tokens per row, T (default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=4096,
+                   help="tokens per row, T, e.g. 14336 = the paper's 4096-token prompt bucket + 10240 response "
+                        "tokens; up to 16384 with an O(T) --attention (default: %(default)s)")
     p.add_argument("--batch", type=int, default=None,
                    help="global rows (sequences) per micro-batch, summed over the data x fsdp devices; for dpo "
                         "the chosen plus the rejected rows (so 2 x pairs). Must be divisible by data*fsdp. "
@@ -120,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remat", default="full", choices=("full", "dots", "none"),
                    help="rematerialisation of the scanned layers: full (keep only layer inputs), dots (also "
                         "keep matmul outputs), none (keep everything) (default: %(default)s)")
+    p.add_argument("--attention", default="blockwise", choices=ATTENTION_CHOICES,
+                   help="attention backend (model.attention): xla (the dense-mask reference: materialises "
+                        "[rows, heads, T, T] scores per layer), blockwise (pure-JAX flash attention, O(T) memory), "
+                        "splash (the Pallas TPU kernel; on these fake CPU devices it compiles in Pallas interpret "
+                        "mode, see the caveats) (default: %(default)s)")
     p.add_argument("--freeze-vision", action="store_true",
                    help="the vision tower is frozen (no gradient, no optimizer state), as model.freeze_vision")
     p.add_argument("--image-patches", type=int, default=0,
@@ -285,7 +313,8 @@ def make_plan(args, mesh_sizes: dict[str, int]) -> dict:
     from specs_jax.training.steps import batch_shardings, make_train_step
 
     t0 = time.perf_counter()
-    cfg = load_preset(args.preset, dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat)
+    cfg = load_preset(args.preset, dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat,
+                      attention=args.attention)
     if args.image_patches and args.image_patches % cfg.vision.spatial_merge_size**2:
         raise SystemExit(f"--image-patches must be a multiple of spatial_merge_size**2 = "
                          f"{cfg.vision.spatial_merge_size**2}")
@@ -361,6 +390,7 @@ def make_plan(args, mesh_sizes: dict[str, int]) -> dict:
         "rows_per_device": args.batch // (mesh_sizes["data"] * mesh_sizes["fsdp"]),
         "tokens_per_step": tokens, "dtype": args.dtype, "param_dtype": args.param_dtype, "remat": args.remat,
         "freeze_vision": args.freeze_vision, "image_patches": args.image_patches, "kl_coef": args.kl_coef,
+        "attention": args.attention, "attention_note": ATTENTION_NOTES[args.attention],
         "param_count": n_params, "trained_param_count": n_trained,
         **{f"{k}_bytes": v for k, v in parts.items()},
         "argument_bytes": argument, "output_bytes": output, "alias_bytes": alias, "temp_bytes": temp,
@@ -392,6 +422,7 @@ def print_plan(p: dict) -> None:
           f"micro-batch {p['batch']} rows x {p['seq_len']} tokens ({p['rows_per_device']} row(s) per data x fsdp "
           f"shard) x {p['grad_accum']} micro-batch(es) = {p['tokens_per_step']} tokens/step")
     print(f"  {', '.join(extras)}")
+    print(f"  attention={p['attention']}: {p['attention_note']}")
     print(f"  build {p['build_seconds']:.1f} s, lower {p['lower_seconds']:.1f} s, "
           f"compile {p['compile_seconds']:.1f} s (XLA {p['backend']}, jax {p['jax_version']})")
     print("per device:")

@@ -169,3 +169,25 @@ def test_patch_bucket_padding_leaves_logits_unchanged(loaded):
     np.testing.assert_allclose(np.asarray(model.forward(padded_inputs)), np.asarray(plain), atol=1e-5)
     with pytest.raises(ValueError, match="patch_bucket 126"):
         prepare_inputs(model.config, ids, None, pix, np.array(grids), patch_bucket=126)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("backend, blocks", [("xla", None), ("blockwise", None), ("blockwise", 16), ("splash", None)],
+                         ids=["xla", "blockwise", "blockwise-16", "splash-interpret"])
+def test_attention_backends_match_transformers(hf_model_dir, backend, blocks, side, monkeypatch):
+    """Logits of every CPU-runnable attention backend equal transformers' on a padded batch mixing rows
+    with and without images (``blockwise-16``: 16-token blocks, so many block pairs and block skipping
+    in the decoder and the vision tower; ``splash``: the Pallas TPU kernel in interpret mode)."""
+    from specs_jax.model import attention_blockwise
+
+    if blocks is not None:
+        monkeypatch.setattr(attention_blockwise, "BLOCK_Q", blocks)
+        monkeypatch.setattr(attention_blockwise, "BLOCK_KV", blocks)
+    path, hf = hf_model_dir
+    model = specs_jax.load_model(path, attention=backend)
+    ids, mask, grids = _mixed_batch(side)
+    pix = pixels(grids)
+    ours = model(ids, attention_mask=mask, pixel_values=pix, image_grid_thw=np.array(grids))
+    diff = max_diff(ours, hf_logits(hf, ids, mask, pix, grids), mask)
+    print(f"attention={backend} blocks={blocks} ({side} padding) max abs diff {diff:.2e}")
+    assert diff <= FP32_TOL

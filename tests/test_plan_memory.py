@@ -113,5 +113,23 @@ def test_help_explains_options():
                          check=False)
     assert out.returncode == 0
     for option in ("--mesh", "--stage", "--seq-len", "--batch", "--grad-accum", "--dtype", "--param-dtype",
-                   "--remat", "--freeze-vision", "--image-patches", "--kl-coef", "--budget-gib", "--json", "FITS"):
+                   "--remat", "--freeze-vision", "--image-patches", "--kl-coef", "--budget-gib", "--json", "FITS",
+                   "--attention", "interpret mode"):
         assert option in out.stdout, option
+
+
+def test_attention_backends_blockwise_needs_less_temp_memory_than_the_dense_reference():
+    """At T = 2048 the dense-mask reference holds [rows, heads, T, T] scores in the backward; the
+    blockwise kernel does not. Both plans name their backend and say what it stands for."""
+    args = ("tiny", "--mesh", "data=1,fsdp=2,tensor=1", "--stage", "grpo", "--seq-len", "2048", "--json")
+    procs = {a: run_script(*args, "--attention", a) for a in ("xla", "blockwise")}
+    plans = {}
+    for attention, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, f"{attention}: exit {proc.returncode}\n{stderr[-3000:]}"
+        plans[attention] = json.loads(stdout.strip().splitlines()[-1])
+    assert plans["xla"]["attention"] == "xla" and "O(T^2)" in plans["xla"]["attention_note"]
+    assert "O(T)" in plans["blockwise"]["attention_note"]
+    # one row per device, the tiny preset's 4 heads: at least one fp32 [heads, T, T] array more
+    heads, t = 4, 2048
+    assert plans["xla"]["temp_bytes"] - plans["blockwise"]["temp_bytes"] >= heads * t * t * 4

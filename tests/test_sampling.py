@@ -73,6 +73,28 @@ def test_greedy_equals_transformers_mixed_image_and_text_rows(models):
     np.testing.assert_array_equal(ours.tokens, hf_greedy(hf, ids, mask, pix, grids))
 
 
+@pytest.mark.parametrize("backend, blocks", [("xla", None), ("blockwise", 8)], ids=["xla", "blockwise-8"])
+def test_attention_backends_of_the_sampler_equal_transformers(models, backend, blocks, monkeypatch):
+    """Prefill into the cache and the cached decode steps (``kv_lengths``) through the attention
+    interface: the XLA reference and the blockwise kernel with 8-token blocks (many blocks, skipped
+    cache slots) sample transformers' greedy tokens, with the same log-probs."""
+    from specs_jax.model import attention_blockwise
+
+    if blocks is not None:
+        monkeypatch.setattr(attention_blockwise, "BLOCK_Q", blocks)
+        monkeypatch.setattr(attention_blockwise, "BLOCK_KV", blocks)
+    model, hf = models
+    grids = [(1, 4, 8)]
+    ids, mask = left_pad([image_row(grids, [[5], [6, 7, 8]]), list(range(20, 26))])
+    pix = pixels(grids)
+    ours = sampler(model, attention=backend).generate_ids(ids, mask, pix, np.array(grids), params=GREEDY,
+                                                         decode=False)
+    np.testing.assert_array_equal(ours.tokens, hf_greedy(hf, ids, mask, pix, grids))
+    reference = sampler(model, attention="xla").generate_ids(ids, mask, pix, np.array(grids), params=GREEDY,
+                                                             decode=False)
+    np.testing.assert_allclose(ours.logps, reference.logps, atol=1e-5)
+
+
 def completion_logps(model, prompt_ids, prompt_mask, tokens, mask, temperature, pix=None, grids=None):
     """log softmax(logits / T) of each completion token, from one full forward of prompt + completion."""
     ids = np.concatenate([prompt_ids, tokens], 1)

@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"eval.splits.{name}: {e}") from None
     processor_path = cfg.data.processor or model_path
     processor = load_processor(processor_path)
-    model = load_model(model_path, cfg.model.dtype)
+    model = load_model(model_path, cfg.model.dtype, attention=cfg.model.attention)
     results = evaluate_model(model, processor, splits, cfg.eval, seed=cfg.train.seed, progress=args.progress,
                              pipeline=PipelineConfig(image_root=cfg.data.image_root, format=cfg.data.format))
     print(format_table(results["splits"], cfg.eval.ks))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from specs_jax.model.config import DTYPES
+from specs_jax.model.config import ATTENTION_BACKENDS, DTYPES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,6 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="stop token id (repeat for several); replaces the default set: the config's and "
                         "tokenizer's EOS plus generation_config.json's eos_token_id")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype")
+    p.add_argument("--attention", choices=ATTENTION_BACKENDS, default="auto",
+                   help="attention backend: auto (splash on TPU, cudnn on GPU, blockwise on CPU), xla (dense-mask "
+                        "reference), splash, cudnn, blockwise (default: %(default)s)")
     p.set_defaults(run=run)
 
 
@@ -57,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
 
     model_path = resolve_reference(args.model, args.step)  # a run's latest/best -> that step's directory
     processor = load_processor(model_path)
-    model = specs_jax.load_model(model_path, dtype=args.dtype)
+    model = specs_jax.load_model(model_path, dtype=args.dtype, attention=args.attention)
     sampler = Sampler(model, processor, SamplerConfig(max_new_tokens=args.max_new_tokens), eos_ids=args.eos_id or None)
     out = sampler.generate([args.prompt], [images], n=args.num_samples, params=params, seed=args.seed,
                            stop=args.stop, system=args.system)

@@ -74,7 +74,9 @@ class ModelConfig:
     ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype of parameters
     (e.g. bf16 compute with fp32 master weights). ``remat`` is the rematerialisation policy
     of the scanned decoder layers: ``none``, ``full`` (save nothing) or ``dots`` (save
-    matmul outputs without batch dimensions).
+    matmul outputs without batch dimensions). ``attention`` is the attention backend of
+    :mod:`specs_jax.model.attention`: ``auto`` (splash on TPU, cudnn on GPU, blockwise
+    elsewhere), ``xla`` (the dense-mask reference), ``splash``, ``cudnn`` or ``blockwise``.
     """
 
     vision: VisionConfig
@@ -88,12 +90,14 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"
+    attention: str = "auto"
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
 
 REMAT_POLICIES = ("none", "full", "dots")
+ATTENTION_BACKENDS = ("auto", "xla", "splash", "cudnn", "blockwise")  # = specs_jax.model.attention.BACKENDS
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -112,7 +116,7 @@ def _required(d: dict[str, Any], key: str, where: str, *fallbacks: dict[str, Any
 
 
 def from_hf_dict(hf: dict[str, Any], *, dtype: str = "float32", param_dtype: str | None = None,
-                 remat: str = "none") -> ModelConfig:
+                 remat: str = "none", attention: str = "auto") -> ModelConfig:
     """Parse an HF ``Qwen2_5_VLConfig`` dict (flat or nested layout) into a :class:`ModelConfig`."""
     model_type = hf.get("model_type")
     archs = hf.get("architectures") or []
@@ -126,6 +130,8 @@ def from_hf_dict(hf: dict[str, Any], *, dtype: str = "float32", param_dtype: str
             raise ConfigError(f"{name}={value!r} is not one of {DTYPES}")
     if remat not in REMAT_POLICIES:
         raise ConfigError(f"remat={remat!r} is not one of {REMAT_POLICIES}")
+    if attention not in ATTENTION_BACKENDS:
+        raise ConfigError(f"attention={attention!r} is not one of {ATTENTION_BACKENDS}")
 
     text = dict(hf.get("text_config") or {})
     vis = dict(hf.get("vision_config") or {})
@@ -187,6 +193,7 @@ def from_hf_dict(hf: dict[str, Any], *, dtype: str = "float32", param_dtype: str
         dtype=dtype,
         param_dtype=param_dtype or dtype,
         remat=remat,
+        attention=attention,
     )
 
 

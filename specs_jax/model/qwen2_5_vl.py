@@ -24,6 +24,7 @@ import numpy as np
 from einops import rearrange
 from flax import nnx
 
+from specs_jax.model.attention import Segments, attention, padding_segments, self_segments
 from specs_jax.model.config import ModelConfig
 from specs_jax.model.layers import (Embedding, GatedMLP, Linear, RMSNorm, _param, activation, apply_rotary,
                                     constrain_batch, scan_layers)
@@ -104,12 +105,6 @@ def vision_cos_sin(pos_hw: jax.Array, head_dim: int, theta: float) -> tuple[jax.
     return jnp.cos(emb), jnp.sin(emb)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
-    """Softmax attention with grouped KV heads. ``q [B,T,N,D]``, ``k,v [B,S,K,D]``, ``mask`` bool
-    broadcastable to ``[B,N,T,S]``. Fully masked query rows give finite (uniform) output."""
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
-
-
 # --------------------------------------------------------------------------------------------
 # Vision tower
 # --------------------------------------------------------------------------------------------
@@ -144,12 +139,15 @@ class VisionAttention(nnx.Module):
         self.qkv = Linear(v.hidden_size, 3 * v.hidden_size, use_bias=True, axes=("vision_qkv", "vision_embed"), **kw)
         self.proj = Linear(v.hidden_size, v.hidden_size, use_bias=True, axes=("vision_embed", "vision_heads"), **kw)
         self.num_heads = v.num_heads
+        self.attention = cfg.attention
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        """Attention of the patches ``x [N, E]`` within their segment (``segment_ids [N]``: window or image)."""
         q, k, val = rearrange(self.qkv(x), "n (three h d) -> three n h d", three=3, h=self.num_heads)
         q = apply_rotary(q.astype(jnp.float32), cos, sin).astype(x.dtype)
         k = apply_rotary(k.astype(jnp.float32), cos, sin).astype(x.dtype)
-        out = attend(q[None], k[None], val[None], mask[None, None], q.shape[-1] ** -0.5)[0]
+        out = attention(q[None], k[None], val[None], self_segments(segment_ids[None]), scale=q.shape[-1] ** -0.5,
+                        causal=False, backend=self.attention)[0]
         return self.proj(rearrange(out, "n h d -> n (h d)"))
 
 
@@ -163,8 +161,8 @@ class VisionBlock(nnx.Module):
         self.mlp = GatedMLP(v.hidden_size, v.intermediate_size, act=v.hidden_act, use_bias=True,
                             axes=("vision_embed", "vision_mlp"), dtype=dt, param_dtype=pdt, rngs=rngs, stack=stack)
 
-    def __call__(self, x, cos, sin, mask):
-        x = x + self.attn(self.norm1(x), cos, sin, mask)
+    def __call__(self, x, cos, sin, segment_ids):
+        x = x + self.attn(self.norm1(x), cos, sin, segment_ids)
         return x + self.mlp(self.norm2(x))
 
 
@@ -208,11 +206,9 @@ class VisionTransformer(nnx.Module):
         """``[N, C*T*P*P]`` patches -> ``[N / merge**2, out_hidden]`` merged features in processor order."""
         x = self.patch_embed(vis.pixel_values)[vis.permutation]
         cos, sin = vision_cos_sin(vis.pos_hw, self.head_dim, self.theta)
-        window_mask = vis.window_segment[:, None] == vis.window_segment[None, :]
-        image_mask = vis.image_segment[:, None] == vis.image_segment[None, :]
 
-        def body(block, h, is_full):
-            return block(h, cos, sin, jnp.where(is_full, image_mask, window_mask)), None
+        def body(block, h, is_full):  # full-attention blocks attend within an image, the others within a window
+            return block(h, cos, sin, jnp.where(is_full, vis.image_segment, vis.window_segment)), None
 
         x, _ = scan_layers(self.blocks, x, jnp.asarray(self.full_attention), body, self.remat)
         return self.merger(x)[vis.unpermute]
@@ -232,6 +228,7 @@ class Attention(nnx.Module):
         self.v_proj = Linear(t.hidden_size, t.num_key_value_heads * d, use_bias=True, axes=("kv_heads", "embed"), **kw)
         self.o_proj = Linear(t.num_attention_heads * d, t.hidden_size, use_bias=False, axes=("embed", "heads"), **kw)
         self.head_dim = d
+        self.attention = cfg.attention
 
     def qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """``x [B, T, E]`` -> rotated ``q [B,T,N,D]``, ``k [B,T,K,D]`` and ``v [B,T,K,D]``."""
@@ -239,10 +236,12 @@ class Attention(nnx.Module):
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
-    def __call__(self, x, cos, sin, mask, cache: tuple[jax.Array, jax.Array, jax.Array] | None = None, index=0):
-        """Self-attention of ``x [B,T,E]``. With ``cache = (k, v [layers,B,S,K,D], layer)`` this chunk's
-        keys/values are written in place at ``[layer, :, index]`` and the queries attend over the layer's
-        whole cache (``mask [B,1,T,S]``); returns ``(output, (k, v) or None)``."""
+    def __call__(self, x, cos, sin, segments: Segments, cache: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+                 index=0):
+        """Causal self-attention of ``x [B,T,E]`` within ``segments`` (:mod:`specs_jax.model.attention`).
+        With ``cache = (k, v [layers,B,S,K,D], layer)`` this chunk's keys/values are written in place at
+        ``[layer, :, index]`` and the queries attend over the layer's whole cache (``segments.kv [B, S]``);
+        returns ``(output, (k, v) or None)``."""
         q, k, v = self.qkv(x, cos, sin)
         if cache is not None:
             k_all, v_all, layer = cache
@@ -250,7 +249,7 @@ class Attention(nnx.Module):
             k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], at)
             v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], at)
             k, v, cache = k_all[layer], v_all[layer], (k_all, v_all)
-        out = attend(q, k, v, mask, self.head_dim**-0.5)
+        out = attention(q, k, v, segments, scale=self.head_dim**-0.5, causal=True, backend=self.attention)
         return self.o_proj(rearrange(out, "b t h d -> b t (h d)")), cache
 
 
@@ -266,8 +265,8 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(t.hidden_size, eps=t.rms_norm_eps, axis="embed", dtype=dt,
                                                 param_dtype=pdt, stack=stack)
 
-    def __call__(self, x, cos, sin, mask, cache=None, index=0):
-        attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, index)
+    def __call__(self, x, cos, sin, segments, cache=None, index=0):
+        attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, segments, cache, index)
         x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
@@ -281,20 +280,20 @@ class TextModel(nnx.Module):
         self.norm = RMSNorm(t.hidden_size, eps=t.rms_norm_eps, axis="embed", dtype=dt, param_dtype=pdt)
         self.text_cfg, self.dtype, self.remat = t, dt, cfg.remat
 
-    def __call__(self, embeds: jax.Array, positions: jax.Array, mask: jax.Array, cache: KVCache | None = None,
+    def __call__(self, embeds: jax.Array, positions: jax.Array, segments: Segments, cache: KVCache | None = None,
                  index=0) -> tuple[jax.Array, KVCache | None]:
-        """``embeds [B,T,E]``, ``positions [3,B,T]``, ``mask`` bool ``[B,1,T,S]`` -> final-normed hidden
-        ``[B,T,E]`` and the cache with this chunk's keys/values written at ``index`` (S = cache size),
-        or None without a cache (S = T)."""
+        """``embeds [B,T,E]``, ``positions [3,B,T]``, attention ``segments`` (``q [B,T]``, ``kv [B,S]``,
+        ``kv_lengths`` for a decode step) -> final-normed hidden ``[B,T,E]`` and the cache with this
+        chunk's keys/values written at ``index`` (S = cache size), or None without a cache (S = T)."""
         t = self.text_cfg
         cos, sin = mrope_cos_sin(positions, t.head_dim, t.rope_theta, t.mrope_section, self.dtype)
         if cache is None:
             h, _ = scan_layers(self.layers, constrain_batch(embeds), None,
-                               lambda layer, h, _: (constrain_batch(layer(h, cos, sin, mask)[0]), None), self.remat)
+                               lambda layer, h, _: (constrain_batch(layer(h, cos, sin, segments)[0]), None), self.remat)
             return constrain_batch(self.norm(h)), None
 
         def body(layer, carry, i):  # the cache rides in the carry so each step updates it in place
-            h, kv = layer(carry[0], cos, sin, mask, (*carry[1:], i), index)
+            h, kv = layer(carry[0], cos, sin, segments, (*carry[1:], i), index)
             return (h, *kv), None
 
         (h, k, v), _ = scan_layers(self.layers, (embeds, cache.k, cache.v), jnp.arange(t.num_hidden_layers), body,
@@ -327,6 +326,18 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
             cfg.text.hidden_size, cfg.text.vocab_size, use_bias=False, axes=("vocab", "embed"),
             dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype), rngs=rngs)
 
+    def set_attention(self, backend: str) -> "Qwen2_5_VLForConditionalGeneration":
+        """Switch every attention of the model to ``backend`` (see :mod:`specs_jax.model.attention`), in
+        place; returns the model. The backend is static: jitted programs traced before keep theirs."""
+        from specs_jax.model.attention import resolve_backend
+
+        resolve_backend(backend)  # validates the name
+        self.config = self.config.replace(attention=backend)
+        for _, module in nnx.iter_graph(self):
+            if isinstance(module, (Attention, VisionAttention)):
+                module.attention = backend
+        return self
+
     def lm_head_weight(self) -> jax.Array:
         """``[vocab, embed]`` weight of the LM head (the embedding table when tied)."""
         head = self.model.language_model.embed_tokens if self.lm_head is None else self.lm_head
@@ -342,10 +353,8 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
 
     def hidden_states(self, inputs: ModelInputs) -> jax.Array:
         """Final-normed decoder hidden states ``[B, T, E]`` (traceable)."""
-        t = inputs.input_ids.shape[1]
-        causal = jnp.tril(jnp.ones((t, t), bool))
-        mask = causal[None, None] & inputs.attention_mask.astype(bool)[:, None, None, :]
-        return self.model.language_model(self.embed(inputs), inputs.positions, mask)[0]
+        segments = padding_segments(inputs.attention_mask)  # real tokens 1, padding 0 (its own segment)
+        return self.model.language_model(self.embed(inputs), inputs.positions, segments)[0]
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """``hidden [..., E] -> logits [..., V]`` in the compute dtype."""

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from specs_jax.model.attention import Segments
 from specs_jax.model.qwen2_5_vl import KVCache, ModelInputs, Qwen2_5_VLForConditionalGeneration, prepare_inputs
 from specs_jax.sampling.sample import SamplingParams, sample_tokens
 
@@ -65,23 +66,24 @@ def generate_rollout(model: Qwen2_5_VLForConditionalGeneration, inputs: ModelInp
     size = t + max_new_tokens
     lm = model.model.language_model
     cache = KVCache.zeros(model.config, b, size)
-    prompt_valid = inputs.attention_mask.astype(bool)
-    key_valid = jnp.zeros((b, size), bool).at[:, :t].set(prompt_valid)
-    causal = jnp.arange(size)[None, :] <= jnp.arange(t)[:, None]  # [T, S]
-    hidden, cache = lm(model.embed(inputs), inputs.positions, causal[None, None] & key_valid[:, None, None, :], cache, 0)
+    # attention segments: real tokens 1, padding (and cache slots not written yet) 0. The prefill's
+    # queries sit at positions 0..t-1 of the cache, so causality hides the unwritten slots.
+    prompt_seg = inputs.attention_mask.astype(jnp.int32)
+    key_seg = jnp.zeros((b, size), jnp.int32).at[:, :t].set(prompt_seg)
+    hidden, cache = lm(model.embed(inputs), inputs.positions, Segments(prompt_seg, key_seg), cache, 0)
     logits = model.logits(hidden[:, -1])
 
     # n samples per prompt share the prefill: repeat its results along the batch.
     rep = lambda x, axis=0: jnp.repeat(x, n, axis=axis)
     cache = KVCache(rep(cache.k, 1), rep(cache.v, 1))
-    logits, key_valid, positions = rep(logits), rep(key_valid), rep(inputs.positions, 1)
+    logits, key_seg, positions = rep(logits), rep(key_seg), rep(inputs.positions, 1)
     r = b * n
     eos = jnp.asarray(eos_ids, jnp.int32)
     # image/video placeholders would be read as vision inputs when the rollout is trained on
     banned = (model.config.image_token_id, model.config.video_token_id)
 
     state = dict(
-        step=jnp.int32(0), logits=logits, cache=cache, key_valid=key_valid, done=jnp.zeros((r,), bool),
+        step=jnp.int32(0), logits=logits, cache=cache, key_seg=key_seg, done=jnp.zeros((r,), bool),
         tokens=jnp.full((r, max_new_tokens), pad_id, jnp.int32), logps=jnp.zeros((r, max_new_tokens), jnp.float32),
         mask=jnp.zeros((r, max_new_tokens), bool),
         top=jnp.zeros((r, max_new_tokens, top_probs), jnp.float32) if top_probs else None)
@@ -99,10 +101,12 @@ def generate_rollout(model: Qwen2_5_VLForConditionalGeneration, inputs: ModelInp
                    mask=s["mask"].at[:, i].set(live))
         if top_probs:
             out["top"] = s["top"].at[:, i].set(top)
-        key_valid = s["key_valid"].at[:, t + i].set(live)
+        key_seg = s["key_seg"].at[:, t + i].set(live.astype(jnp.int32))
         embeds = lm.embed_tokens(tok[:, None])
-        hidden, cache = lm(embeds, _decode_positions(positions, i), key_valid[:, None, None, :], s["cache"], t + i)
-        return dict(out, key_valid=key_valid, cache=cache, logits=model.logits(hidden[:, 0]))
+        # one query per row, the last of the t + i + 1 keys written so far; it sees the real ones (segment 1)
+        segments = Segments(jnp.ones((r, 1), jnp.int32), key_seg, jnp.full((r,), t + i + 1, jnp.int32))
+        hidden, cache = lm(embeds, _decode_positions(positions, i), segments, s["cache"], t + i)
+        return dict(out, key_seg=key_seg, cache=cache, logits=model.logits(hidden[:, 0]))
 
     s = jax.lax.while_loop(cond, body, state)
     return Rollout(s["tokens"], s["logps"], s["mask"], s["top"])
@@ -133,6 +137,7 @@ class SamplerConfig:
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
     patch_buckets: tuple[int, ...] = powers_of_two(64, 65536)
     top_probs: int = 0  # >0: also return the top-k probabilities per step (RBF metric)
+    attention: str | None = None  # attention backend of the rollouts (specs_jax.model.attention); None: the model's
 
 
 class Sampler:
@@ -176,7 +181,10 @@ class Sampler:
             self.compilations += 1  # runs at trace time only: counts compilations
             log.info("sampler: compiling for batch %s, prompt length %s, n=%d", inputs.input_ids.shape[0],
                      inputs.input_ids.shape[1], n)
-            return generate_rollout(nnx.merge(graphdef, state), inputs, key, max_new_tokens=max_new_tokens, n=n,
+            model = nnx.merge(graphdef, state)
+            if self.config.attention is not None:
+                model.set_attention(self.config.attention)
+            return generate_rollout(model, inputs, key, max_new_tokens=max_new_tokens, n=n,
                                     params=params, eos_ids=self.eos_ids, pad_id=self.pad_id, top_probs=top_probs)
 
         return run

@@ -44,6 +44,7 @@ class ModelSection:
     dtype: str = "bfloat16"
     param_dtype: str = "float32"
     remat: str = "none"
+    attention: str = "auto"  # auto | xla | splash | cudnn | blockwise (specs_jax.model.attention)
     freeze_vision: bool = False
     reference: str = "batch"  # DPO reference log-probs: "batch" (frozen copy, per batch) | "precomputed"
 
@@ -194,6 +195,7 @@ class RunConfig:
 CHOICES = {
     "model.reference": ("batch", "precomputed"),
     "model.remat": ("none", "full", "dots"),
+    "model.attention": ("auto", "xla", "splash", "cudnn", "blockwise"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.param_dtype": ("float32", "bfloat16", "float16"),
     "optim.schedule": ("constant", "cosine", "linear"),
