@@ -132,10 +132,6 @@ class Layout:
     columns: Mapping[str, str | None]
     detected: str = ""
 
-    def describe(self) -> str:
-        """``role <- column`` pairs, e.g. ``question <- message, answer <- answer``."""
-        return ", ".join(f"{role} <- {col}" for role, col in self.columns.items() if col is not None)
-
 
 # ----------------------------------------------------------------------------- layout
 
@@ -150,7 +146,7 @@ def _is_text(feature_or_value: Any) -> bool | None:
         return False
     dtype = getattr(feature_or_value, "dtype", None)
     if dtype is not None and not isinstance(dtype, type):
-        return str(dtype) in ("string", "large_string")
+        return None if str(dtype) == "null" else str(dtype) in ("string", "large_string")
     return False
 
 

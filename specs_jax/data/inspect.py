@@ -142,7 +142,8 @@ def format_report(report: dict[str, Any], processor_path: str | None = None) -> 
     lines = [f"file:     {report['file']}",
              f"format:   {report['format']}  (auto: {report['detected']})"
              if report["detected"] != "named in the config" else f"format:   {report['format']}  (named)",
-             "columns:  " + ", ".join(f"{role} <- {col}" for role, col in report["columns"].items()),
+             "columns:  " + ", ".join(f"{role} <- {col}" + (".ground_truth" if col == "reward_model" else "")
+                                      for role, col in report["columns"].items()),
              "modes:    " + (", ".join(report["modes"]) or "none"),
              f"mode:     {MODE_NAMES[report['mode']]}",
              f"rows:     {report['rows']} read, {report['usable']} usable, {sum(report['bad'].values())} bad",
