@@ -76,7 +76,7 @@ def _main() -> None:
         assert len(x_sharded.sharding.device_set) == N_DEVICES
         assert len(grad_s.sharding.device_set) == N_DEVICES, (name, grad_s.sharding)
         np.testing.assert_allclose(value_s, value, rtol=1e-5, err_msg=name)
-        np.testing.assert_allclose(grad_s, grad, rtol=1e-5, atol=1e-7, err_msg=name)
+        np.testing.assert_allclose(grad_s, grad, rtol=1e-5, atol=1e-6, err_msg=name)  # fp32 sums in another order across shards
         print(f"ok {name}")
 
 
