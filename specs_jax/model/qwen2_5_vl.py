@@ -241,14 +241,20 @@ class Attention(nnx.Module):
 
     def __call__(self, x, cos, sin, mask, cache: tuple[jax.Array, jax.Array, jax.Array] | None = None, index=0):
         """Self-attention of ``x [B,T,E]``. With ``cache = (k, v [layers,B,S,K,D], layer)`` this chunk's
-        keys/values are written in place at ``[layer, :, index]`` and the queries attend over the layer's
-        whole cache (``mask [B,1,T,S]``); returns ``(output, (k, v) or None)``."""
+        keys/values are written in place at ``[layer, :, index]`` (``index`` a scalar, or ``[B]`` per-row
+        positions of a one-token step, ``T = 1``) and the queries attend over the layer's whole cache
+        (``mask [B,1,T,S]``); returns ``(output, (k, v) or None)``."""
         q, k, v = self.qkv(x, cos, sin)
         if cache is not None:
             k_all, v_all, layer = cache
-            at = (layer, 0, index, 0, 0)
-            k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], at)
-            v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], at)
+            if jnp.ndim(index):  # row b's token goes to [layer, b, index[b]]
+                rows = jnp.arange(k.shape[0])
+                k_all = k_all.at[layer, rows, index].set(k[:, 0].astype(k_all.dtype))
+                v_all = v_all.at[layer, rows, index].set(v[:, 0].astype(v_all.dtype))
+            else:
+                at = (layer, 0, index, 0, 0)
+                k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], at)
+                v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], at)
             k, v, cache = k_all[layer], v_all[layer], (k_all, v_all)
         out = attend(q, k, v, mask, self.head_dim**-0.5)
         return self.o_proj(rearrange(out, "b t h d -> b t (h d)")), cache
@@ -284,7 +290,8 @@ class TextModel(nnx.Module):
     def __call__(self, embeds: jax.Array, positions: jax.Array, mask: jax.Array, cache: KVCache | None = None,
                  index=0) -> tuple[jax.Array, KVCache | None]:
         """``embeds [B,T,E]``, ``positions [3,B,T]``, ``mask`` bool ``[B,1,T,S]`` -> final-normed hidden
-        ``[B,T,E]`` and the cache with this chunk's keys/values written at ``index`` (S = cache size),
+        ``[B,T,E]`` and the cache with this chunk's keys/values written at ``index`` (a scalar, or ``[B]``
+        per-row positions when ``T = 1``; S = cache size),
         or None without a cache (S = T)."""
         t = self.text_cfg
         cos, sin = mrope_cos_sin(positions, t.head_dim, t.rope_theta, t.mrope_section, self.dtype)
