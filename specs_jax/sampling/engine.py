@@ -28,6 +28,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from specs_jax.model.config import ModelConfig
 from specs_jax.model.qwen2_5_vl import KVCache, ModelInputs, Qwen2_5_VLForConditionalGeneration
@@ -58,9 +59,11 @@ def max_slots_for_budget(cfg: ModelConfig, slot_length: int, kv_cache_gib: float
 
 
 def choose_slots(cfg: ModelConfig, samples: int, slot_length: int, *, max_slots: int | None = None,
-                 kv_cache_gib: float | None = None) -> int:
+                 kv_cache_gib: float | None = None, multiple: int = 1) -> int:
     """Decode slots for ``samples`` sequences of up to ``slot_length`` tokens: ``min(samples, max_slots,
-    slots that fit kv_cache_gib)`` (the caps that are set). Raises when not even one slot fits the budget."""
+    slots that fit kv_cache_gib)`` (the caps that are set), rounded down to a multiple of ``multiple`` (the
+    data-parallel groups that share the slots) when there are at least that many. Raises when not even one
+    slot fits the budget."""
     slots = samples if max_slots is None else min(samples, max_slots)
     if kv_cache_gib is not None:
         fit = max_slots_for_budget(cfg, slot_length, kv_cache_gib)
@@ -70,7 +73,21 @@ def choose_slots(cfg: ModelConfig, samples: int, slot_length: int, *, max_slots:
                              f"KV cache, over the budget kv_cache_gib={kv_cache_gib}: shorten the prompt or "
                              "max_new_tokens, or raise the budget")
         slots = min(slots, fit)
-    return max(slots, 1)
+    return slots - slots % multiple if slots >= multiple else max(slots, 1)
+
+
+def constrain_slots(x: jax.Array, axis: int = 0) -> jax.Array:
+    """Pin the slot axis of ``x`` to the ``(data, fsdp)`` axes of the ambient mesh (``jax.set_mesh``; the rollout
+    mesh of :mod:`specs_jax.sampling.layout`), so each data-parallel group decodes its own slots. No-op without
+    such a mesh or when the slot count does not divide evenly."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not {"data", "fsdp"} <= set(mesh.axis_names):
+        return x
+    if x.shape[axis] % (mesh.shape["data"] * mesh.shape["fsdp"]):
+        return x
+    spec = [None] * x.ndim
+    spec[axis] = ("data", "fsdp")
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
 
 
 def sample_keys(key: jax.Array, sample: jax.Array, step: jax.Array, n: int) -> jax.Array:
@@ -105,7 +122,8 @@ def engine_rollout(model: Qwen2_5_VLForConditionalGeneration, inputs: ModelInput
     banned = (cfg.image_token_id, cfg.video_token_id)  # would be read as vision inputs when trained on
     slot_rows = jnp.arange(slots)
     state = dict(
-        cache=KVCache.zeros(cfg, slots, size), key_valid=jnp.zeros((slots, size), bool),
+        cache=jax.tree.map(lambda x: constrain_slots(x, 1), KVCache.zeros(cfg, slots, size)),
+        key_valid=jnp.zeros((slots, size), bool),
         logits=jnp.zeros((slots, first_logits.shape[-1]), first_logits.dtype),
         sample=jnp.full((slots,), -1, jnp.int32), step=jnp.zeros((slots,), jnp.int32), next=jnp.int32(0),
         tokens=jnp.full((total, max_new_tokens), pad_id, jnp.int32),
@@ -153,7 +171,8 @@ def engine_rollout(model: Qwen2_5_VLForConditionalGeneration, inputs: ModelInput
         key_valid = s["key_valid"].at[slot_rows, index].set(True)
         positions = (next_position[:, j // n] + step)[..., None]  # [3, slots, 1]
         hidden, cache = lm(lm.embed_tokens(tok[:, None]), positions, key_valid[:, None, None, :], s["cache"], index)
-        return dict(out, cache=cache, key_valid=key_valid, logits=model.logits(hidden[:, 0]),
+        cache = KVCache(constrain_slots(cache.k, 1), constrain_slots(cache.v, 1))
+        return dict(out, cache=cache, key_valid=key_valid, logits=constrain_slots(model.logits(hidden[:, 0])),
                     sample=jnp.where(ended, -1, s["sample"]), step=jnp.where(live & ~ended, step + 1, step))
 
     s = jax.lax.while_loop(cond, body, state)

@@ -137,8 +137,10 @@ class Sampler:
         Raises when one slot does not fit the KV-cache budget."""
         c = self.config
         budget = c.kv_cache_gib if c.kv_cache_gib is not None or c.max_slots is not None else default_kv_cache_gib()
+        mesh = jax.sharding.get_abstract_mesh()  # the rollout mesh when the caller set one
+        groups = 1 if mesh.empty else int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
         return choose_slots(self.model.config, samples, prompt_length + c.max_new_tokens, max_slots=c.max_slots,
-                            kv_cache_gib=budget)
+                            kv_cache_gib=budget, multiple=groups)
 
     def _pad_batch(self, input_ids, attention_mask, pixel_values, image_grid_thw) -> tuple[ModelInputs, int]:
         """Left-pad to the prompt bucket, pad rows to the batch bucket and patches to the patch bucket."""
