@@ -69,7 +69,7 @@ SCRIPT = textwrap.dedent("""
     assert max(collective_sizes(trainer, make_mesh(fsdp=8))) >= smallest_weight  # FSDP: weights are gathered
     for tensor in (1, 2):
         mesh = rollout_mesh(jax.devices(), tensor)
-        weights = reshard(trainer, rollout_shardings(model, mesh, make_rules()))
+        weights = reshard(trainer, rollout_shardings(model, mesh, make_rules()), model.config.dtype)
         if tensor == 1:
             sizes = collective_sizes(weights, mesh)
             assert max(sizes) < smallest_weight, (sizes, smallest_weight)  # only per-token values move

@@ -5,7 +5,7 @@ step. The rollout layout is a mesh over the same devices with ``fsdp = 1``: ``te
 heads / MLP / vocabulary (Megatron style, the ``tensor`` rules of
 :data:`specs_jax.training.sharding.DEFAULT_RULES`), and the ``data = N / K`` groups each hold a full copy and
 decode their own share of the slots (the engine pins the slot axis to ``data``). ``K = 1``: every device holds
-the whole model and a decode step does no collective at all.
+the whole model and a decode step moves no weight. The copy is in the compute dtype (``model.dtype``).
 
 ``rl.rollout_mesh``: ``trainer`` (decode on the trainer's layout, no copy), ``auto`` (:func:`rollout_tensor_size`)
 or an int ``K``.
@@ -63,10 +63,14 @@ def rollout_shardings(model: nnx.Module, mesh: Mesh, rules: dict) -> dict:
     return param_shardings(nnx.state(model, nnx.Param), mesh, rules)
 
 
-def reshard(params: dict, shardings: dict) -> dict:
-    """``params`` copied into ``shardings`` one leaf at a time (each transfer its own chunk; the trainer's copy
-    is left as it is). Pure dicts of the same structure."""
-    return jax.tree.map(lambda x, s: jax.device_put(x, s, may_alias=False), params, shardings)
+def reshard(params: dict, shardings: dict, dtype: Any) -> dict:
+    """``params`` cast to the compute ``dtype`` and copied into ``shardings`` one leaf at a time (each transfer its
+    own chunk; the trainer's copy is left as it is). Every layer casts its weights to the compute dtype before
+    use, so decoding on the cast copy gives the same results in half the memory of float32 master weights.
+    Pure dicts of the same structure."""
+    dtype = np.dtype(dtype)
+    return jax.tree.map(lambda x, s: jax.device_put(x.astype(dtype) if x.dtype != dtype else x, s, may_alias=False),
+                        params, shardings)
 
 
 def device_bytes() -> int | None:
@@ -74,6 +78,6 @@ def device_bytes() -> int | None:
     return (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
 
 
-def param_bytes(params: Any) -> int:
-    """Bytes of all leaves of a parameter tree as they are: ``sum(size * itemsize)``."""
-    return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(params)))
+def param_bytes(params: Any, dtype: Any) -> int:
+    """Bytes of a parameter tree cast to ``dtype`` (the rollout copy): ``sum(size) * itemsize(dtype)``."""
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params))) * np.dtype(dtype).itemsize

@@ -127,7 +127,8 @@ class RLTrainer(Trainer):
             return None, None
         devices = list(self.mesh.devices.flat)
         tensor = choice if choice != "auto" else rollout_tensor_size(
-            param_bytes(nnx.state(abstract, nnx.Param)), device_bytes(), len(devices), jax.local_device_count())
+            param_bytes(nnx.state(abstract, nnx.Param), abstract.config.dtype), device_bytes(), len(devices),
+            jax.local_device_count())
         mesh = rollout_mesh(devices, tensor)
         return mesh, rollout_shardings(abstract, mesh, make_rules(self.cfg.mesh.rules))
 
@@ -187,7 +188,8 @@ class RLTrainer(Trainer):
         else:  # decode on the rollout layout: a copy resharded once per step, dropped after the rollout
             with jax.set_mesh(self.rollout_mesh):
                 ro = rollout(self.sampler, prompts, group_size=rl.group_size, params=self.sampling, seed=seed,
-                             weights=reshard(weights, self.rollout_shardings), reward_fn=reward,
+                             weights=reshard(weights, self.rollout_shardings, self.model_cfg.dtype),
+                             reward_fn=reward,
                              scale=self.scale_rewards)
         keep = accuracy_filter_mask(scores[0].accuracy > 0, rl.group_size, rl.accuracy_filter)
         seqs = self.algorithm.sequences(prompts, ro)
