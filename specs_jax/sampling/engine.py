@@ -62,17 +62,17 @@ def choose_slots(cfg: ModelConfig, samples: int, slot_length: int, *, max_slots:
                  kv_cache_gib: float | None = None, multiple: int = 1) -> int:
     """Decode slots for ``samples`` sequences of up to ``slot_length`` tokens: ``min(samples, max_slots,
     slots that fit kv_cache_gib)`` (the caps that are set), rounded down to a multiple of ``multiple`` (the
-    data-parallel groups that share the slots) when there are at least that many. Raises when not even one
-    slot fits the budget."""
+    data-parallel groups that share the slots and the budget) when there are at least that many. Raises when
+    a group's share of the budget does not hold one slot."""
     slots = samples if max_slots is None else min(samples, max_slots)
     if kv_cache_gib is not None:
-        fit = max_slots_for_budget(cfg, slot_length, kv_cache_gib)
+        fit = max_slots_for_budget(cfg, slot_length, kv_cache_gib / multiple)
         if fit < 1:
             need = slot_length * kv_bytes_per_token(cfg) / GIB
             raise ValueError(f"a slot of {slot_length} tokens (prompt bucket + max_new_tokens) needs {need:.3f} GiB of "
-                             f"KV cache, over the budget kv_cache_gib={kv_cache_gib}: shorten the prompt or "
-                             "max_new_tokens, or raise the budget")
-        slots = min(slots, fit)
+                             f"KV cache, over the budget kv_cache_gib={kv_cache_gib / multiple:.3f} (per data group): "
+                             "shorten the prompt or max_new_tokens, or raise the budget")
+        slots = min(slots, fit * multiple)
     return slots - slots % multiple if slots >= multiple else max(slots, 1)
 
 
