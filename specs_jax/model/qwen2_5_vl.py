@@ -248,9 +248,9 @@ class Attention(nnx.Module):
         if cache is not None:
             k_all, v_all, layer = cache
             if jnp.ndim(index):  # row b's token goes to [layer, b, index[b]]
-                rows = jnp.arange(k.shape[0])
-                k_all = k_all.at[layer, rows, index].set(k[:, 0].astype(k_all.dtype))
-                v_all = v_all.at[layer, rows, index].set(v[:, 0].astype(v_all.dtype))
+                hit = (jnp.arange(k_all.shape[2])[None, :] == index[:, None])[:, :, None, None]  # [B, S, 1, 1]
+                k_all = k_all.at[layer].set(jnp.where(hit, k.astype(k_all.dtype), k_all[layer]))
+                v_all = v_all.at[layer].set(jnp.where(hit, v.astype(v_all.dtype), v_all[layer]))
             else:
                 at = (layer, 0, index, 0, 0)
                 k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], at)
