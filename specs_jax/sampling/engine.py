@@ -2,8 +2,9 @@
 
 One jitted program per shape bucket:
 
-1. **Prefill** every prompt of the (left-padded, bucketed) batch once: its keys/values ``[layers, B, T, K, D]``
-   and the logits of its last position. The ``n`` samples of a prompt share this prefill.
+1. **Prefill** every prompt of the (left-padded, bucketed) batch once, one prompt at a time (``lax.map``: the
+   prefill's transients are those of one prompt): its keys/values ``[B, layers, 1, T, K, D]`` and the logits
+   of its last position. The ``n`` samples of a prompt share this prefill.
 2. **Decode** in ``slots`` rows over a cache ``[layers, slots, T + max_new_tokens, K, D]`` inside one
    ``lax.while_loop``. Each iteration first **refills** the free slots with the next pending samples (in
    sample order ``j = prompt * n + sample``): the prompt's prefill keys/values are copied into the slot,
@@ -110,12 +111,19 @@ def engine_rollout(model: Qwen2_5_VLForConditionalGeneration, inputs: ModelInput
     size, total = t + max_new_tokens, b * n
     lm = model.model.language_model
 
-    # 1. prefill every prompt once
+    # 1. prefill every prompt once, one prompt at a time (the transients of one prompt): per prompt its
+    #    keys/values [B, layers, 1, T, K, D] and the logits of its last position [B, V]
     prompt_valid = inputs.attention_mask.astype(bool)
     causal = jnp.tril(jnp.ones((t, t), bool))
-    hidden, prefill = lm(model.embed(inputs), inputs.positions, causal[None, None] & prompt_valid[:, None, None, :],
-                         KVCache.zeros(cfg, b, t), 0)
-    first_logits = model.logits(hidden[:, -1])  # [B, V]
+
+    def prefill_one(x):
+        embeds, positions, valid = x
+        hidden, kv = lm(embeds[None], positions[:, None], causal[None, None] & valid[None, None, None, :],
+                        KVCache.zeros(cfg, 1, t), 0)
+        return kv, model.logits(hidden[0, -1])
+
+    prefill, first_logits = jax.lax.map(prefill_one, (model.embed(inputs), jnp.moveaxis(inputs.positions, 1, 0),
+                                                      prompt_valid))
     next_position = inputs.positions[:, :, -1] + 1  # [3, B]: position of generated token 0
 
     eos = jnp.asarray(eos_ids, jnp.int32)
@@ -139,8 +147,7 @@ def engine_rollout(model: Qwen2_5_VLForConditionalGeneration, inputs: ModelInput
         def one(k, st):
             slot, j = order[k], st["next"] + k
             p = j // n
-            put = lambda dst, src: jax.lax.dynamic_update_slice_in_dim(
-                dst, jax.lax.dynamic_slice_in_dim(src, p, 1, axis=1), slot, axis=1)
+            put = lambda dst, src: jax.lax.dynamic_update_slice_in_dim(dst, src[p], slot, axis=1)
             cache = KVCache(put(st["cache"].k, prefill.k), put(st["cache"].v, prefill.v))
             valid = jnp.zeros((size,), bool).at[:t].set(prompt_valid[p])
             return dict(st, cache=cache, key_valid=st["key_valid"].at[slot].set(valid),

@@ -9,11 +9,13 @@ During the rollout a device holds (``G = devices / K`` data-parallel groups of `
 - the slot KV cache: ``ceil(slots / G) * (T + M) * kv_bytes_per_token / k`` (``T`` prompt bucket, ``M``
   max_new_tokens), slots from :func:`specs_jax.sampling.engine.choose_slots` with the run's ``rl.max_slots`` /
   ``rl.kv_cache_gib`` (default: half of what the device has left, as ``default_kv_cache_gib`` at run time);
-- the prefill cache of its group's prompts: ``ceil(B / G) * T * kv_bytes_per_token / k``;
+- the prefill cache of all ``B`` prompts (the engine keeps it whole on every data group, so that a slot of any
+  group can take any prompt's sample): ``B * T * kv_bytes_per_token / k``;
 - the result buffers ``B * n * M`` tokens (int32 token, f32 log-prob, bool mask), replicated;
-- the larger of the prefill's transients (f32 attention scores ``ceil(B / G) * heads / K * T * T * 4`` plus one
-  layer's activations ``ceil(B / G) * T * (2 * intermediate / K + 4 * hidden) * itemsize``) and the decode
-  step's logits buffers (``4 * ceil(slots / G) * vocab * 4``: logits, scaled, filtered, log-softmax).
+- the larger of the prefill's transients (one prompt at a time: f32 attention scores ``heads / K * T * T * 4``
+  plus one layer's activations ``T * (2 * intermediate / K + 4 * hidden) * itemsize``) and the decode step's
+  logits buffers (``4 * ceil(slots / G) * vocab * 4``: logits, scaled, filtered, log-softmax).
+Not counted: the vision tower's activations for the batch's images (computed before the prefill).
 """
 
 from __future__ import annotations
@@ -48,16 +50,15 @@ def rollout_memory(cfg: ModelConfig, *, prompts: int, group_size: int, prompt_le
     per_token = kv_bytes_per_token(cfg)
     slot_len = prompt_len + max_new_tokens
     samples = prompts * group_size
-    group_prompts = math.ceil(prompts / groups)
 
     parts = {
         "resident_train_state": resident_bytes,
         "rollout_weights": param_bytes // tensor,
-        "prefill_cache": group_prompts * prompt_len * per_token // kv_split,
+        "prefill_cache": prompts * prompt_len * per_token // kv_split,
         "outputs": samples * max_new_tokens * (4 + 4 + 1),
     }
-    prefill = (group_prompts * (t.num_attention_heads // head_split) * prompt_len**2 * 4
-               + group_prompts * prompt_len * (2 * t.intermediate_size // tensor + 4 * t.hidden_size) * itemsize)
+    prefill = ((t.num_attention_heads // head_split) * prompt_len**2 * 4
+               + prompt_len * (2 * t.intermediate_size // tensor + 4 * t.hidden_size) * itemsize)
 
     def logits(slots: int) -> int:
         return 4 * math.ceil(slots / groups) * t.vocab_size * 4
