@@ -47,8 +47,7 @@ Caveats: the figures come from the XLA CPU compiler. Sharding propagation and SP
 are the same passes as on GPU/TPU, but those compilers fuse, schedule and pad differently, and the
 CPU backend runs many bf16 matmuls in f32 (visible in ``--hlo-out``), so treat the result as an
 estimate with a margin of ~10-20%, not a guarantee. Not included: the framework's own reserve
-(e.g. ``XLA_PYTHON_CLIENT_MEM_FRACTION`` on GPU) and the sampler's KV cache during GRPO rollouts
-(the rollout is a separate program, run before the update). The layers are scanned, so even the
+(e.g. ``XLA_PYTHON_CLIENT_MEM_FRACTION`` on GPU). The layers are scanned, so even the
 72B preset compiles in seconds, in well under 1 GiB of host RAM (nothing of the model is allocated).
 
 Reading the result: params + optimizer state should be about 16 bytes x params / (fsdp x tensor)
@@ -56,6 +55,20 @@ Reading the result: params + optimizer state should be about 16 bytes x params /
 activations of the rows a device holds, look at the collectives in ``--hlo-out``: all-reduces of
 full-batch activations mean XLA partitioned a matmul along the hidden dimension (like the fsdp-
 sharded weights) instead of along the batch, so every device computes every row.
+
+The rollout (``--stage grpo``; the same rollout serves opsd and vigos): the RL step's other program,
+planned by :func:`specs_jax.sampling.memory.rollout_memory` from the run config's rollout settings
+(``--config``: ``train.batch_size`` prompts x ``rl.group_size`` samples, prompt bucket ``train.max_length``,
+``rl.max_new_tokens``, ``rl.max_slots`` / ``rl.kv_cache_gib``, ``rl.rollout_mesh``): the trainer's state that
+stays resident, the rollout copy of the weights, the slot KV cache, the prefill cache, the result buffers and the
+larger of the prefill and decode transients (arithmetic, not a compiled program). ``--config`` also sets the
+update's batch from the run config (``batch_size x group_size / grad_accum_steps`` rows of ``max_length +
+max_new_tokens`` tokens, ``grad_accum_steps`` micro-batches, dtypes, remat, freeze_vision) unless the flags are
+given. ``--json`` then prints ``{...update plan..., "update": {...}, "rollout": {...}}``, each entry with
+``total_gib``, and ``fits`` is true only when both fit:
+
+    python scripts/plan_memory.py qwen2.5-vl-7b --mesh data=1,fsdp=16,tensor=1 --stage grpo \
+        --config configs/grpo_7b.yaml --json
 
 Exit status: 0 when the plan fits the budget, 3 when it does not, 2 on a usage error.
 """
@@ -161,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-device memory budget in GiB for the FITS / DOES NOT FIT line (default: %(default)s)")
     p.add_argument("--json", action="store_true",
                    help="print the plan as one JSON object (bytes and GiB) instead of the table")
+    add_rollout_arguments(p)
     p.add_argument("--hlo-out", metavar="FILE", default=None,
                    help="also write the compiled (partitioned, per-device) HLO text to FILE, e.g. to see which "
                         "collectives and buffer shapes XLA chose")
@@ -191,6 +205,13 @@ def main(argv: list[str] | None = None) -> int:
         mesh_sizes = parse_mesh(args.mesh)
     except ValueError as e:
         parser.error(f"--mesh: {e}")
+    if args.config:  # loading it imports jax: the device count first
+        set_device_count(math.prod(mesh_sizes.values()))
+        try:
+            parser.set_defaults(**config_defaults(args.config))
+        except (OSError, ValueError) as e:
+            parser.error(f"--config: {e}")
+        args = parser.parse_args(argv)
     n_dp = mesh_sizes["data"] * mesh_sizes["fsdp"]
     if args.batch is None:
         args.batch = n_dp * (2 if args.stage == "dpo" and n_dp % 2 else 1)
@@ -209,15 +230,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--image-patches {args.image_patches} gives {args.image_patches // 4} image tokens per row, "
                      f"more than --seq-len {args.seq_len} can hold")
 
-    set_device_count(math.prod(mesh_sizes.values()))
+    if not args.config:
+        set_device_count(math.prod(mesh_sizes.values()))
     try:
         plan = make_plan(args, mesh_sizes)
+        if args.stage == "grpo":
+            plan = with_rollout_plan(plan, args)
     except ValueError as e:  # e.g. an unknown preset (ConfigError), a batch the library refuses
         parser.error(str(e))
     if args.json:
         print(json.dumps(plan, sort_keys=False))
     else:
         print_plan(plan)
+        if "rollout" in plan:
+            print_rollout_plan(plan["rollout"], args.budget_gib)
     return 0 if plan["fits"] else EXIT_DOES_NOT_FIT
 
 
@@ -449,6 +475,68 @@ def print_plan(p: dict) -> None:
     sign = "headroom" if p["fits"] else "over by"
     print(f"{verdict}: {p['total_gib']:.2f} GiB of the {p['budget_gib']:g} GiB budget per device "
           f"({sign} {abs(p['headroom_gib']):.2f} GiB)")
+
+
+# ------------------------------------------------------------------------------------------------
+# the rollout program of the RL stages
+# ------------------------------------------------------------------------------------------------
+
+def add_rollout_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="YAML", default=None,
+                   help="run config (e.g. configs/grpo_7b.yaml): rollout settings for the rollout plan of --stage "
+                        "grpo, and the update's batch, dtypes and remat unless given as flags")
+    p.add_argument("--host-devices", type=int, default=4,
+                   help="devices per host: the rollout's tensor parallelism stays within a host "
+                        "(rl.rollout_mesh=auto) (default: %(default)s)")
+
+
+def config_defaults(path: str) -> dict:
+    """Parser defaults from a run config: the update's rows, tokens, micro-batches, dtypes and remat, and the
+    config itself for the rollout plan."""
+    from specs_jax.training.config import load_config
+
+    cfg = load_config(path, ["data.source=synthetic"])  # the data files are not needed to plan
+    accum = cfg.optim.grad_accum_steps
+    rows = cfg.train.batch_size * cfg.rl.group_size
+    if rows % accum:
+        raise ValueError(f"{rows} rollout rows are not divisible by optim.grad_accum_steps={accum}")
+    return {"batch": rows // accum, "grad_accum": accum, "seq_len": cfg.train.max_length + cfg.rl.max_new_tokens,
+            "dtype": cfg.model.dtype, "param_dtype": cfg.model.param_dtype, "remat": cfg.model.remat,
+            "freeze_vision": cfg.model.freeze_vision, "run_config": cfg}
+
+
+def with_rollout_plan(plan: dict, args) -> dict:
+    """The update plan with its ``update`` summary, the ``rollout`` plan, and ``fits`` for both."""
+    from flax import nnx
+
+    from specs_jax.model import Qwen2_5_VLForConditionalGeneration, load_preset
+    from specs_jax.sampling.layout import param_bytes as rollout_param_bytes
+    from specs_jax.sampling.memory import rollout_memory
+    from specs_jax.training.config import RunConfig
+
+    run = getattr(args, "run_config", None) or RunConfig()
+    cfg = load_preset(args.preset, dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat)
+    model = nnx.eval_shape(lambda: Qwen2_5_VLForConditionalGeneration(cfg, rngs=nnx.Rngs(0)))
+    param_bytes = rollout_param_bytes(nnx.state(model, nnx.Param), cfg.dtype)  # the copy in the compute dtype
+    resident = sum(plan[f"{k}_bytes"] for k in ("params", "frozen_params", "optimizer_state", "reference_params"))
+    rollout = rollout_memory(
+        cfg, prompts=run.train.batch_size, group_size=run.rl.group_size, prompt_len=run.train.max_length,
+        max_new_tokens=run.rl.max_new_tokens, devices=plan["devices"], host_devices=args.host_devices,
+        param_bytes=param_bytes, resident_bytes=resident, budget_bytes=int(args.budget_gib * GIB),
+        rollout_mesh=run.rl.rollout_mesh, max_slots=run.rl.max_slots, kv_cache_gib=run.rl.kv_cache_gib)
+    update = {k: plan[k] for k in ("peak_bytes", "total_bytes", "total_gib", "fits", "headroom_gib")}
+    return {**plan, "update": update, "rollout": rollout, "fits": update["fits"] and rollout["fits"]}
+
+
+def print_rollout_plan(r: dict, budget_gib: float) -> None:
+    mesh = ",".join(f"{k}={v}" for k, v in r["rollout_mesh"].items())
+    print(f"rollout: layout {mesh}; {r['slots']} decode slots ({r['slots_per_group']} per data group) for "
+          f"{r['samples']} samples of up to {r['slot_tokens']} tokens")
+    print("per device:")
+    for key in ("resident_train_state", "rollout_weights", "kv_cache", "prefill_cache", "outputs", "transients"):
+        print(f"  {key.replace('_', ' '):<38}{r[key + '_bytes'] / GIB:10.2f} GiB")
+    verdict = "FITS" if r["fits"] else "DOES NOT FIT"
+    print(f"rollout {verdict}: {r['total_gib']:.2f} GiB of the {budget_gib:g} GiB budget per device")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The sampler runs on params sharded over an 8-device CPU mesh (the trainer's mesh) without gathering them."""
+"""The sampler runs on params sharded over an 8-device CPU mesh (the trainer's mesh) without gathering them, and
+continuous batching there equals static batching on one device."""
 
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ SCRIPT = textwrap.dedent("""
     ids = np.random.default_rng(0).integers(3, 290, (4, 9))
     args = dict(n=2, params=SamplingParams(temperature=0.8, top_k=20), seed=4, decode=False)
     ref = Sampler(model, None, SamplerConfig(max_new_tokens=6), eos_ids=[2], pad_id=0).generate_ids(ids, **args)
+    caps = [2, 6, 4, 3]  # rows end early: 3 slots refill while samples are pending
+    ref_caps = Sampler(model, None, SamplerConfig(max_new_tokens=6), eos_ids=[2], pad_id=0).generate_ids(
+        ids, max_tokens=caps, **args)
 
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     state = nnx.state(model, nnx.Param)
@@ -37,11 +41,17 @@ SCRIPT = textwrap.dedent("""
     assert after == sharded_before
     np.testing.assert_array_equal(out.tokens, ref.tokens)
     np.testing.assert_allclose(out.logps, ref.logps, atol=1e-5)
+    cont = Sampler(model, None, SamplerConfig(max_new_tokens=6, max_slots=3), eos_ids=[2], pad_id=0).generate_ids(
+        ids, max_tokens=caps, **args)
+    assert len(set(ref_caps.mask.sum(1).tolist())) > 1
+    np.testing.assert_array_equal(cont.tokens, ref_caps.tokens)
+    np.testing.assert_array_equal(cont.mask, ref_caps.mask)
+    np.testing.assert_allclose(cont.logps, ref_caps.logps, atol=1e-5)
     print("ok", n_split)
 """)
 
 
-def test_sampler_on_sharded_params_equals_unsharded():
+def test_sampler_on_sharded_params_equals_unsharded_and_continuous_equals_static():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     out = subprocess.run([sys.executable, "-c", SCRIPT, os.path.dirname(__file__)], env=env, capture_output=True,
                          text=True, timeout=600)

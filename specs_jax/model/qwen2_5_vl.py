@@ -240,14 +240,19 @@ class Attention(nnx.Module):
                  index=0):
         """Causal self-attention of ``x [B,T,E]`` within ``segments`` (:mod:`specs_jax.model.attention`).
         With ``cache = (k, v [layers,B,S,K,D], layer)`` this chunk's keys/values are written in place at
-        ``[layer, :, index]`` and the queries attend over the layer's whole cache (``segments.kv [B, S]``);
+        ``[layer, :, index]`` (``index`` a scalar, or ``[B]`` per-row positions of a one-token step, ``T = 1``) and the queries attend over the layer's whole cache (``segments.kv [B, S]``);
         returns ``(output, (k, v) or None)``."""
         q, k, v = self.qkv(x, cos, sin)
         if cache is not None:
             k_all, v_all, layer = cache
-            at = (layer, 0, index, 0, 0)
-            k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], at)
-            v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], at)
+            if jnp.ndim(index):  # row b's token goes to [layer, b, index[b]]
+                hit = (jnp.arange(k_all.shape[2])[None, :] == index[:, None])[:, :, None, None]  # [B, S, 1, 1]
+                k_all = k_all.at[layer].set(jnp.where(hit, k.astype(k_all.dtype), k_all[layer]))
+                v_all = v_all.at[layer].set(jnp.where(hit, v.astype(v_all.dtype), v_all[layer]))
+            else:
+                at = (layer, 0, index, 0, 0)
+                k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], at)
+                v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], at)
             k, v, cache = k_all[layer], v_all[layer], (k_all, v_all)
         out = attention(q, k, v, segments, scale=self.head_dim**-0.5, causal=True, backend=self.attention)
         return self.o_proj(rearrange(out, "b t h d -> b t (h d)")), cache
@@ -284,7 +289,8 @@ class TextModel(nnx.Module):
                  index=0) -> tuple[jax.Array, KVCache | None]:
         """``embeds [B,T,E]``, ``positions [3,B,T]``, attention ``segments`` (``q [B,T]``, ``kv [B,S]``,
         ``kv_lengths`` for a decode step) -> final-normed hidden ``[B,T,E]`` and the cache with this
-        chunk's keys/values written at ``index`` (S = cache size), or None without a cache (S = T)."""
+        chunk's keys/values written at ``index`` (a scalar, or ``[B]`` per-row positions when ``T = 1``; S = cache
+        size), or None without a cache (S = T)."""
         t = self.text_cfg
         cos, sin = mrope_cos_sin(positions, t.head_dim, t.rope_theta, t.mrope_section, self.dtype)
         if cache is None:

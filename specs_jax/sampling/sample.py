@@ -61,9 +61,10 @@ def filter_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
     return logits
 
 
-def sample_tokens(logits: jax.Array, key: jax.Array, params: SamplingParams, top_probs: int = 0,
+def sample_tokens(logits: jax.Array, keys: jax.Array, params: SamplingParams, top_probs: int = 0,
                   banned: tuple[int, ...] = ()) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-    """Sample one token per row. ``logits [R, V]`` -> ``tokens [R]``, ``logps [R]`` and, when
+    """Sample one token per row, row ``r`` with its own key ``keys[r]`` (so a row's draw does not depend on the
+    other rows). ``logits [R, V]``, ``keys [R]`` -> ``tokens [R]``, ``logps [R]`` and, when
     ``top_probs > 0``, the ``top_probs`` largest probabilities of ``softmax(logits / T)`` ``[R, k]``.
     ``banned`` token ids are never chosen (their mass still counts in the log-probs)."""
     logits = logits.astype(jnp.float32)
@@ -72,7 +73,7 @@ def sample_tokens(logits: jax.Array, key: jax.Array, params: SamplingParams, top
     if params.greedy:
         tokens = jnp.argmax(choice, axis=-1)
     else:
-        tokens = jax.random.categorical(key, filter_logits(choice, params), axis=-1)
+        tokens = jax.vmap(jax.random.categorical)(keys, filter_logits(choice, params))
     logprobs = jax.nn.log_softmax(scaled, axis=-1)
     logps = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
     top = jax.lax.top_k(jnp.exp(logprobs), top_probs)[0] if top_probs else None

@@ -1,13 +1,10 @@
-"""Rollout sampler for Qwen2.5-VL: one prefill per prompt batch into a static KV cache, then a jitted
-``lax.while_loop`` decode that samples ``n`` continuations per prompt and exits when every row is done.
+"""Rollout sampler for Qwen2.5-VL: tokenised (or chat) prompts in, ``n`` sampled completions per prompt out,
+through the rollout engine of :mod:`specs_jax.sampling.engine` (one prefill per prompt, a fixed number of
+decode slots sized from a KV-cache budget, continuous batching).
 
 Shapes are bucketed (prompt length, batch size, image patch count) so that a training run compiles
-a handful of programs; :attr:`Sampler.compilations` counts them.
-
-Positions: prompt tokens get the 3D M-RoPE positions of :func:`specs_jax.model.get_rope_index`;
-generated token ``i`` gets ``last prompt position + 1 + i`` on every stream (transformers' rule of
-cache length plus the row's ``rope_delta``). The ``<|image_pad|>``/``<|video_pad|>`` placeholders
-are never sampled: in a training forward they would be read as vision inputs.
+a handful of programs; :attr:`Sampler.compilations` counts them. The sampled tokens and log-probs of a
+seed do not depend on the slot count (see :func:`specs_jax.sampling.engine.sample_keys`).
 """
 
 from __future__ import annotations
@@ -17,27 +14,17 @@ import dataclasses
 import functools
 import logging
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from specs_jax.model.attention import Segments
-from specs_jax.model.qwen2_5_vl import KVCache, ModelInputs, Qwen2_5_VLForConditionalGeneration, prepare_inputs
-from specs_jax.sampling.sample import SamplingParams, sample_tokens
+from specs_jax.model.qwen2_5_vl import ModelInputs, Qwen2_5_VLForConditionalGeneration, prepare_inputs
+from specs_jax.sampling.engine import GIB, choose_slots, engine_rollout
+from specs_jax.sampling.sample import SamplingParams
 
 log = logging.getLogger(__name__)
-
-
-class Rollout(NamedTuple):
-    """Device arrays of one generate call, rows ordered prompt-major (``row = prompt * n + sample``)."""
-
-    tokens: jax.Array  # [R, M] int32, pad after the first EOS
-    logps: jax.Array  # [R, M] float32, log-prob of each sampled token under softmax(logits / T)
-    mask: jax.Array  # [R, M] bool, completion tokens up to and including the first EOS
-    top_probs: jax.Array | None  # [R, M, k] top-k probabilities per step (for the RBF metric)
 
 
 @dataclasses.dataclass
@@ -51,65 +38,6 @@ class Generation:
     top_probs: np.ndarray | None = None
     prompt_ids: np.ndarray | None = None  # [R, T] left-padded prompt of each row
     prompt_mask: np.ndarray | None = None
-
-
-def _decode_positions(positions: jax.Array, steps: jax.Array) -> jax.Array:
-    """``positions [3, R, T]`` of a left-padded prompt -> positions ``[3, R, 1]`` of generated token ``steps``."""
-    return (positions[:, :, -1] + 1 + steps)[..., None]
-
-
-def generate_rollout(model: Qwen2_5_VLForConditionalGeneration, inputs: ModelInputs, key: jax.Array, *,
-                     max_new_tokens: int, n: int, params: SamplingParams, eos_ids: tuple[int, ...], pad_id: int,
-                     top_probs: int = 0) -> Rollout:
-    """Traceable generation from a left-padded prompt batch (see :class:`Rollout`)."""
-    b, t = inputs.input_ids.shape
-    size = t + max_new_tokens
-    lm = model.model.language_model
-    cache = KVCache.zeros(model.config, b, size)
-    # attention segments: real tokens 1, padding (and cache slots not written yet) 0. The prefill's
-    # queries sit at positions 0..t-1 of the cache, so causality hides the unwritten slots.
-    prompt_seg = inputs.attention_mask.astype(jnp.int32)
-    key_seg = jnp.zeros((b, size), jnp.int32).at[:, :t].set(prompt_seg)
-    hidden, cache = lm(model.embed(inputs), inputs.positions, Segments(prompt_seg, key_seg), cache, 0)
-    logits = model.logits(hidden[:, -1])
-
-    # n samples per prompt share the prefill: repeat its results along the batch.
-    rep = lambda x, axis=0: jnp.repeat(x, n, axis=axis)
-    cache = KVCache(rep(cache.k, 1), rep(cache.v, 1))
-    logits, key_seg, positions = rep(logits), rep(key_seg), rep(inputs.positions, 1)
-    r = b * n
-    eos = jnp.asarray(eos_ids, jnp.int32)
-    # image/video placeholders would be read as vision inputs when the rollout is trained on
-    banned = (model.config.image_token_id, model.config.video_token_id)
-
-    state = dict(
-        step=jnp.int32(0), logits=logits, cache=cache, key_seg=key_seg, done=jnp.zeros((r,), bool),
-        tokens=jnp.full((r, max_new_tokens), pad_id, jnp.int32), logps=jnp.zeros((r, max_new_tokens), jnp.float32),
-        mask=jnp.zeros((r, max_new_tokens), bool),
-        top=jnp.zeros((r, max_new_tokens, top_probs), jnp.float32) if top_probs else None)
-
-    def cond(s):
-        return (s["step"] < max_new_tokens) & ~jnp.all(s["done"])
-
-    def body(s):
-        i = s["step"]
-        tok, logp, top = sample_tokens(s["logits"], jax.random.fold_in(key, i), params, top_probs, banned)
-        live = ~s["done"]
-        tok = jnp.where(live, tok, pad_id)
-        out = dict(s, step=i + 1, done=s["done"] | jnp.isin(tok, eos),
-                   tokens=s["tokens"].at[:, i].set(tok), logps=s["logps"].at[:, i].set(jnp.where(live, logp, 0.0)),
-                   mask=s["mask"].at[:, i].set(live))
-        if top_probs:
-            out["top"] = s["top"].at[:, i].set(top)
-        key_seg = s["key_seg"].at[:, t + i].set(live.astype(jnp.int32))
-        embeds = lm.embed_tokens(tok[:, None])
-        # one query per row, the last of the t + i + 1 keys written so far; it sees the real ones (segment 1)
-        segments = Segments(jnp.ones((r, 1), jnp.int32), key_seg, jnp.full((r,), t + i + 1, jnp.int32))
-        hidden, cache = lm(embeds, _decode_positions(positions, i), segments, s["cache"], t + i)
-        return dict(out, key_seg=key_seg, cache=cache, logits=model.logits(hidden[:, 0]))
-
-    s = jax.lax.while_loop(cond, body, state)
-    return Rollout(s["tokens"], s["logps"], s["mask"], s["top"])
 
 
 def _bucket(value: int, buckets: Sequence[int], what: str) -> int:
@@ -138,6 +66,25 @@ class SamplerConfig:
     patch_buckets: tuple[int, ...] = powers_of_two(64, 65536)
     top_probs: int = 0  # >0: also return the top-k probabilities per step (RBF metric)
     attention: str | None = None  # attention backend of the rollouts (specs_jax.model.attention); None: the model's
+    # decode slots (concurrent sequences) of the engine: at most max_slots, and as many as fit kv_cache_gib GiB of
+    # KV cache (slot = prompt bucket + max_new_tokens tokens); None/None: the budget is half the free memory of
+    # the first device, or no cap where the platform reports none (CPU)
+    max_slots: int | None = None
+    kv_cache_gib: float | None = None
+
+    def __post_init__(self):
+        if self.max_slots is not None and self.max_slots < 1:
+            raise ValueError(f"max_slots must be >= 1, got {self.max_slots}")
+        if self.kv_cache_gib is not None and self.kv_cache_gib <= 0:
+            raise ValueError(f"kv_cache_gib must be > 0, got {self.kv_cache_gib}")
+
+
+def default_kv_cache_gib() -> float | None:
+    """Half the free memory of the first device in GiB, or None where the platform reports no memory stats."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" not in stats:
+        return None
+    return (stats["bytes_limit"] - stats.get("bytes_in_use", 0)) / 2 / GIB
 
 
 class Sampler:
@@ -176,18 +123,29 @@ class Sampler:
         # The params enter as plain inputs (never outputs), so they stay where and how they are sharded.
         graphdef = nnx.graphdef(self.model)
 
-        @functools.partial(jax.jit, static_argnames=("max_new_tokens", "n", "params", "top_probs"))
-        def run(state, inputs, key, *, max_new_tokens, n, params, top_probs):
+        @functools.partial(jax.jit, static_argnames=("max_new_tokens", "n", "slots", "params", "top_probs"))
+        def run(state, inputs, key, samples, limits, *, max_new_tokens, n, slots, params, top_probs):
             self.compilations += 1  # runs at trace time only: counts compilations
-            log.info("sampler: compiling for batch %s, prompt length %s, n=%d", inputs.input_ids.shape[0],
-                     inputs.input_ids.shape[1], n)
+            log.info("sampler: compiling for batch %s, prompt length %s, n=%d, %d slots", inputs.input_ids.shape[0],
+                     inputs.input_ids.shape[1], n, slots)
             model = nnx.merge(graphdef, state)
             if self.config.attention is not None:
                 model.set_attention(self.config.attention)
-            return generate_rollout(model, inputs, key, max_new_tokens=max_new_tokens, n=n,
-                                    params=params, eos_ids=self.eos_ids, pad_id=self.pad_id, top_probs=top_probs)
+            return engine_rollout(model, inputs, key, samples=samples, limits=limits, n=n,
+                                  slots=slots, max_new_tokens=max_new_tokens, params=params, eos_ids=self.eos_ids,
+                                  pad_id=self.pad_id, top_probs=top_probs)
 
         return run
+
+    def slots(self, samples: int, prompt_length: int) -> int:
+        """Decode slots for ``samples`` sequences with prompts padded to ``prompt_length`` (SamplerConfig caps).
+        Raises when one slot does not fit the KV-cache budget."""
+        c = self.config
+        budget = c.kv_cache_gib if c.kv_cache_gib is not None or c.max_slots is not None else default_kv_cache_gib()
+        mesh = jax.sharding.get_abstract_mesh()  # the rollout mesh when the caller set one
+        groups = 1 if mesh.empty else int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
+        return choose_slots(self.model.config, samples, prompt_length + c.max_new_tokens, max_slots=c.max_slots,
+                            kv_cache_gib=budget, multiple=groups)
 
     def _pad_batch(self, input_ids, attention_mask, pixel_values, image_grid_thw) -> tuple[ModelInputs, int]:
         """Left-pad to the prompt bucket, pad rows to the batch bucket and patches to the patch bucket."""
@@ -215,16 +173,26 @@ class Sampler:
     # ---------------------------------------------------------------- public API
     def generate_ids(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, *, n: int = 1,
                      params: SamplingParams = SamplingParams(), seed: int = 0, stop: Sequence[str] = (),
-                     decode: bool = True, weights: dict | None = None) -> Generation:
+                     decode: bool = True, weights: dict | None = None,
+                     max_tokens: Sequence[int] | None = None) -> Generation:
         """Sample ``n`` completions per prompt of an already tokenised batch (transformers' arguments).
 
         ``weights``: a full pure-dict of parameters (e.g. a trainer's current params) to sample with
-        instead of the model's own; they are read, never copied or resharded."""
+        instead of the model's own; they are read, never copied or resharded. ``max_tokens``: per-prompt caps
+        on the generated tokens (each in ``[1, max_new_tokens]``; default ``max_new_tokens``)."""
+        m = self.config.max_new_tokens
+        caps = np.full(len(input_ids), m) if max_tokens is None else np.asarray(max_tokens)
+        if caps.shape != (len(input_ids),) or caps.min(initial=1) < 1 or caps.max(initial=1) > m:
+            raise ValueError(f"max_tokens must hold one cap in [1, max_new_tokens={m}] per prompt "
+                             f"({len(input_ids)}), got {caps.tolist()}")
         inputs, b = self._pad_batch(input_ids, attention_mask, pixel_values, image_grid_thw)
-        key = jax.random.key(seed)
+        bb, t = inputs.input_ids.shape
+        slots = self.slots(bb * n, t)  # a function of the shape bucket; checked before any work starts
+        limits = np.full(bb * n, m, np.int32)
+        limits[:b * n] = np.repeat(caps, n)
         state = nnx.state(self.model) if weights is None else nnx.State(weights)
-        out = self._jitted(state, inputs, key, max_new_tokens=self.config.max_new_tokens, n=n, params=params,
-                           top_probs=self.config.top_probs)
+        out = self._jitted(state, inputs, jax.random.key(seed), np.int32(b * n), limits, max_new_tokens=m, n=n,
+                           slots=slots, params=params, top_probs=self.config.top_probs)
         rows = b * n
         tokens, logps, mask = (np.array(x[:rows]) for x in (out.tokens, out.logps, out.mask))
         top = None if out.top_probs is None else np.asarray(out.top_probs)[:rows]

@@ -159,6 +159,11 @@ class RLConfig:
     num_iterations: int = 1
     scale_rewards: str | None = None  # group | batch | none (METHOD.md section 4); null: the loss's (group; dr_grpo: none)
     accuracy_filter: list = dataclasses.field(default_factory=list)  # [lo, hi]: mask groups outside; []: off
+    # rollout engine (specs_jax.sampling.engine): decode slots = concurrent sequences, at most max_slots and as
+    # many as fit kv_cache_gib GiB of KV cache per device (null/null: half a device's free memory; no cap on CPU)
+    max_slots: int | None = None
+    kv_cache_gib: float | None = None
+    rollout_mesh: str = "auto"  # weight layout of the rollout (sampling.layout): trainer | auto | tensor size K
 
 
 @dataclasses.dataclass
@@ -251,6 +256,16 @@ def validate(cfg: RunConfig) -> None:
     band = cfg.rl.accuracy_filter
     if band and (len(band) != 2 or not 0 <= band[0] <= band[1] <= 1):
         raise ConfigError(f"config key 'rl.accuracy_filter' must be [] or [lo, hi] with 0 <= lo <= hi <= 1, got {band}")
+    if cfg.rl.max_slots is not None and cfg.rl.max_slots < 1:
+        raise ConfigError(f"config key 'rl.max_slots' must be null or >= 1, got {cfg.rl.max_slots}")
+    if cfg.rl.kv_cache_gib is not None and cfg.rl.kv_cache_gib <= 0:
+        raise ConfigError(f"config key 'rl.kv_cache_gib' must be null or > 0, got {cfg.rl.kv_cache_gib}")
+    from specs_jax.sampling.layout import parse_rollout_mesh
+
+    try:
+        parse_rollout_mesh(cfg.rl.rollout_mesh)
+    except ValueError as e:
+        raise ConfigError(f"config key {e}") from None
     if not 0 < cfg.rl.top_p <= 1:
         raise ConfigError(f"config key 'rl.top_p' must be in (0, 1], got {cfg.rl.top_p}")
     bad_k = [k for k in cfg.eval.ks if not isinstance(k, int) or not 1 <= k <= cfg.eval.num_samples]

@@ -5,9 +5,10 @@ Per loop step, for a prompt batch of :func:`specs_jax.data.pipeline.rl_batches` 
 prompts; ``input_ids`` left-padded, ``answer``, images), :meth:`RLTrainer.train_step` runs two phases:
 
 :meth:`RLTrainer.collect`
-  1. the sampler draws ``rl.group_size`` completions per prompt from the CURRENT weights (no copy:
-     the trainer's sharded params are the sampler's inputs), seed ``hash(train.seed, step)``, so a
-     resumed run samples exactly what an uninterrupted one does;
+  1. the sampler's rollout engine draws ``rl.group_size`` completions per prompt from the CURRENT weights,
+     resharded into the rollout layout (``rl.rollout_mesh``, :mod:`specs_jax.sampling.layout`; ``trainer``:
+     the trainer's sharded params as they are), in at most ``rl.max_slots`` / ``rl.kv_cache_gib`` decode slots,
+     seed ``hash(train.seed, step)``, so a resumed run samples exactly what an uninterrupted one does;
   2. the SPECS reward (``R_format + R_acc``, :func:`specs_jax.rewards.score_batch`) scores them and
      :func:`~specs_jax.losses.group_advantages` turns rewards into advantages (``rl.scale_rewards``);
   3. with ``rl.accuracy_filter = [lo, hi]`` (METHOD.md section 2, the online filter) the groups whose
@@ -40,10 +41,13 @@ from jax.sharding import Mesh
 from specs_jax.model import Qwen2_5_VLForConditionalGeneration
 from specs_jax.rewards import RewardBatch, score_batch
 from specs_jax.sampling import Sampler, SamplerConfig, SamplingParams
+from specs_jax.sampling.layout import (device_bytes, param_bytes, parse_rollout_mesh, reshard, rollout_mesh,
+                                       rollout_shardings, rollout_tensor_size)
 from specs_jax.training.algorithm import get_algorithm
 from specs_jax.training.config import RunConfig
 from specs_jax.training.grpo import ScoredRollout, rollout
 from specs_jax.training.logging import check_finite
+from specs_jax.training.sharding import make_rules
 from specs_jax.training.state import join_params, model_from_params
 from specs_jax.training.steps import under_mesh
 from specs_jax.training.trainer import Trainer, build_model
@@ -108,11 +112,28 @@ class RLTrainer(Trainer):
         # the sampler needs the model's structure and config only: its weights come from the train state
         abstract = nnx.merge(nnx.graphdef(model), jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                                                nnx.state(model)))
-        self.sampler = Sampler(abstract, processor, SamplerConfig(max_new_tokens=cfg.rl.max_new_tokens))
         self.sampling = SamplingParams(temperature=cfg.rl.temperature, top_k=cfg.rl.top_k, top_p=cfg.rl.top_p)
         self.processor = processor
         super().__init__(cfg, kind, model, mesh, processor)
         self._refresh_fns: dict[Any, Any] = {}
+        self.rollout_mesh, self.rollout_shardings = self._rollout_layout(abstract)
+        groups = 1 if self.rollout_mesh is None else self.rollout_mesh.shape["data"]
+        budget = None if cfg.rl.kv_cache_gib is None else cfg.rl.kv_cache_gib * groups
+        self.sampler = Sampler(abstract, processor, SamplerConfig(max_new_tokens=cfg.rl.max_new_tokens,
+                                                                  max_slots=cfg.rl.max_slots, kv_cache_gib=budget))
+
+    def _rollout_layout(self, abstract: Qwen2_5_VLForConditionalGeneration) -> tuple[Mesh | None, dict | None]:
+        """The rollout mesh and parameter shardings of ``rl.rollout_mesh`` (:mod:`specs_jax.sampling.layout`), or
+        ``(None, None)``: decode on the trainer's layout."""
+        choice = parse_rollout_mesh(self.cfg.rl.rollout_mesh)
+        if choice == "trainer":
+            return None, None
+        devices = list(self.mesh.devices.flat)
+        tensor = choice if choice != "auto" else rollout_tensor_size(
+            param_bytes(nnx.state(abstract, nnx.Param), abstract.config.dtype), device_bytes(), len(devices),
+            jax.local_device_count())
+        mesh = rollout_mesh(devices, tensor)
+        return mesh, rollout_shardings(abstract, mesh, make_rules(self.cfg.mesh.rules))
 
     @property
     def system_prompt(self) -> str | None:
@@ -160,9 +181,16 @@ class RLTrainer(Trainer):
             return scores[-1].total
 
         weights = join_params(self.state.params, self.state.frozen)
-        ro = rollout(self.sampler, prompts, group_size=rl.group_size, params=self.sampling,
-                     seed=rollout_seed(cfg.train.seed, self.loop_step + 1), weights=weights, reward_fn=reward,
-                     scale=self.scale_rewards)
+        seed = rollout_seed(cfg.train.seed, self.loop_step + 1)
+        if self.rollout_mesh is None:
+            ro = rollout(self.sampler, prompts, group_size=rl.group_size, params=self.sampling, seed=seed,
+                         weights=weights, reward_fn=reward, scale=self.scale_rewards)
+        else:  # decode on the rollout layout: a copy resharded once per step, dropped after the rollout
+            with jax.set_mesh(self.rollout_mesh):
+                ro = rollout(self.sampler, prompts, group_size=rl.group_size, params=self.sampling, seed=seed,
+                             weights=reshard(weights, self.rollout_shardings, self.model_cfg.dtype),
+                             reward_fn=reward,
+                             scale=self.scale_rewards)
         keep = accuracy_filter_mask(scores[0].accuracy > 0, rl.group_size, rl.accuracy_filter)
         seqs = self.algorithm.sequences(prompts, ro)
         seqs["loss_mask"] = np.where(keep[:, None], seqs["loss_mask"], 0)
