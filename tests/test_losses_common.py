@@ -79,8 +79,8 @@ def _calls(x: dict) -> dict:
 
 
 def test_registry_lists_every_loss_and_names_the_known_ones_on_error():
-    assert list_losses() == ["cispo", "dpo_hybrid", "dr_grpo", "grpo", "gspo", "opsd", "vigos"]
-    with pytest.raises(ValueError, match=r"unknown loss 'ppo'.*cispo.*dpo_hybrid.*dr_grpo.*grpo.*gspo.*opsd.*vigos"):
+    assert list_losses() == ["cispo", "dpo_hybrid", "dr_grpo", "grpo", "gspo", "opsd", "sft", "vigos"]
+    with pytest.raises(ValueError, match=r"unknown loss 'ppo'.*cispo.*dpo_hybrid.*dr_grpo.*grpo.*gspo.*opsd.*sft.*vigos"):
         get_loss("ppo")
     with pytest.raises(ValueError, match="already registered"):
         register_loss("grpo")(lambda: None)
