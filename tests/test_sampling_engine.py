@@ -9,6 +9,7 @@ import pytest
 
 import specs_jax
 from hf_fixtures import image_row, pixels, random_hf_model, tiny_config
+from test_sampling import left_pad
 from specs_jax.sampling import Sampler, SamplerConfig, SamplingParams
 
 EOS, PAD = 2, 0
@@ -23,14 +24,6 @@ def model(tmp_path_factory):
 
 def sampler(model, **kw) -> Sampler:
     return Sampler(model, None, SamplerConfig(max_new_tokens=9, **kw), eos_ids=[EOS], pad_id=PAD)
-
-
-def left_pad(rows):
-    length = max(map(len, rows))
-    ids, mask = np.full((len(rows), length), PAD), np.zeros((len(rows), length), np.int64)
-    for i, r in enumerate(rows):
-        ids[i, length - len(r):], mask[i, length - len(r):] = r, 1
-    return ids, mask
 
 
 GRIDS = [(1, 4, 8), (1, 4, 4)]

@@ -115,6 +115,5 @@ def assemble_run(cfg: RunConfig, kind: str, processor: Any = None,
             raise ValueError("config key 'train.eval_every' is for sft/dpo (held-out loss); evaluate RL policies "
                              "with `specs-jax eval`")
     trainer = make_trainer(cfg, kind, processor, model)
-    system_prompt = getattr(trainer, "system_prompt", cfg.data.system_prompt)
-    data, eval_data = process_data(cfg, algorithm.data, trainer.model_cfg, processor, system_prompt)
+    data, eval_data = process_data(cfg, algorithm.data, trainer.model_cfg, processor, trainer.system_prompt)
     return Run(trainer, data, eval_data)

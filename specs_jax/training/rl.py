@@ -136,12 +136,6 @@ class RLTrainer(Trainer):
         return mesh, rollout_shardings(abstract, mesh, make_rules(self.cfg.mesh.rules))
 
     @property
-    def system_prompt(self) -> str | None:
-        """The system message the prompt batches must be tokenised with."""
-        own = self.algorithm.system_prompt
-        return self.cfg.data.system_prompt if own is None else own
-
-    @property
     def scale_rewards(self) -> str:
         """Advantage scaling: ``rl.scale_rewards``, else the loss's own (``scale_rewards`` attribute of the loss
         function, e.g. ``none`` for Dr. GRPO), else ``group``."""

@@ -112,6 +112,13 @@ class Trainer:
         self.checkpointer = Checkpointer(ck_dir, ck.keep_last_n, ck.keep_best_metric, ck.best_mode, ck.async_save,
                                          model=self.model_cfg, model_files=cfg.model.path or cfg.data.processor)
 
+    @property
+    def system_prompt(self) -> str | None:
+        """The system message the batches must be tokenised with: the algorithm's own (e.g. ViGOS's format
+        instruction), else ``data.system_prompt``."""
+        own = self.algorithm.system_prompt
+        return self.cfg.data.system_prompt if own is None else own
+
     # ---------------------------------------------------------------------------------------
     # batches and steps
     # ---------------------------------------------------------------------------------------
