@@ -284,10 +284,11 @@ def abstract_batch(cfg, args):
     a, b, t = args.grad_accum, args.batch, args.seq_len
     vision = None
     if args.image_patches:
-        n = args.image_patches * b  # every row shows its own image(s): patches of the whole micro-batch
+        n = args.image_patches  # every row's own image patch budget (VisionInputs is per row)
         merge2 = cfg.vision.spatial_merge_size**2
-        vision = VisionInputs(pixel_values=(a, n, cfg.vision.patch_dim), permutation=(a, n), pos_hw=(a, n, 2),
-                              window_segment=(a, n), image_segment=(a, n), unpermute=(a, n // merge2))
+        vision = VisionInputs(pixel_values=(a, b, n, cfg.vision.patch_dim), permutation=(a, b, n),
+                              pos_hw=(a, b, n, 2), window_segment=(a, b, n), image_segment=(a, b, n),
+                              unpermute=(a, b, n // merge2))
     rows = {"old_logps": (a, b, t), "advantages": (a, b)} if args.stage == "grpo" else None
     shapes = SeqBatch(inputs=ModelInputs(input_ids=(a, b, t), positions=(a, 3, b, t), attention_mask=(a, b, t),
                                          vision=vision),

@@ -156,19 +156,25 @@ def test_image_token_count_mismatch_is_refused(loaded):
         model(ids, pixel_values=pixels(grids), image_grid_thw=np.array(grids))
 
 
-def test_patch_bucket_padding_leaves_logits_unchanged(loaded):
+def test_per_row_patch_budget_leaves_logits_unchanged(loaded):
+    """Each row's images sit in its own row of VisionInputs, padded to the row budget; padding patches are
+    never seen by real ones nor scattered into the tokens."""
     from specs_jax.model import prepare_inputs
 
-    model, _ = loaded
-    grids = [(1, 8, 12), (1, 6, 4)]
-    ids = np.array([image_row(grids, [[5, 6], [7, 8, 10], [11]])])
-    pix = pixels(grids)  # 120 patches
-    plain = model.forward(prepare_inputs(model.config, ids, None, pix, np.array(grids)))
-    padded_inputs = prepare_inputs(model.config, ids, None, pix, np.array(grids), patch_bucket=128)
-    assert padded_inputs.vision.pixel_values.shape[0] == 128
-    np.testing.assert_allclose(np.asarray(model.forward(padded_inputs)), np.asarray(plain), atol=1e-5)
-    with pytest.raises(ValueError, match="patch_bucket 126"):
-        prepare_inputs(model.config, ids, None, pix, np.array(grids), patch_bucket=126)
+    model, hf = loaded
+    ids, mask, grids = _mixed_batch("right")  # rows with 2, 0 and 1 images: 68, 0 and 40 patches
+    pix = pixels(grids)
+    plain = prepare_inputs(model.config, ids, mask, pix, np.array(grids))
+    assert plain.vision.pixel_values.shape == (3, 68, pix.shape[1])
+    np.testing.assert_array_equal(plain.vision.pixel_values[2, :40], pix[68:])  # row 2's image, in its row
+    assert not plain.vision.pixel_values[1].any() and (plain.vision.image_segment[1] == -1).all()
+    padded = prepare_inputs(model.config, ids, mask, pix, np.array(grids), patch_bucket=128)
+    assert padded.vision.pixel_values.shape == (3, 128, pix.shape[1])
+    ours = np.asarray(model.forward(padded))
+    np.testing.assert_allclose(ours, np.asarray(model.forward(plain)), atol=1e-5)
+    assert max_diff(ours, hf_logits(hf, ids, mask, pix, grids), mask) <= FP32_TOL
+    with pytest.raises(ValueError, match="patch_bucket 64 must be >= the largest row's 68"):
+        prepare_inputs(model.config, ids, mask, pix, np.array(grids), patch_bucket=64)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])

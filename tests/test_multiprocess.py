@@ -49,9 +49,10 @@ def metrics(out: Path) -> list[dict]:
 
 
 def train_args(kind: str, hf: Path) -> list[str]:
+    """SFT or DPO-hybrid on synthetic rows with one image each (the tiny configs' ``data.image_grid``)."""
     config = {"sft": "sft_tiny", "dpo": "dpo_tiny"}[kind]
     return ["train", kind, "--export-hf", str(hf), "--config", f"configs/{config}.yaml", "train.steps=3",
-            "train.batch_size=8", "optim.grad_accum_steps=1", "data.image_grid=[]", "mesh.data=2", "mesh.fsdp=4",
+            "train.batch_size=8", "optim.grad_accum_steps=1", "mesh.data=2", "mesh.fsdp=4",
             "checkpoint.async_save=false", "log.tensorboard=false"]
 
 
@@ -135,3 +136,51 @@ def test_a_dead_process_stops_the_others_and_the_job_resumes_exactly(tmp_path):
     by_step = {x["step"]: x["loss"] for x in metrics(run)}  # the resumed steps overwrite the killed run's
     want = {x["step"]: x["loss"] for x in metrics(tmp_path / "straight")}
     np.testing.assert_allclose([by_step[k] for k in range(1, 7)], [want[k] for k in range(1, 7)], atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def rl_world(tmp_path_factory):
+    """(data dir, model dir with its processor): the micro pipeline's data and base model of ``test_pipeline``,
+    which memorised formatted answers, so that GRPO samples get rewards that differ within groups."""
+    from test_pipeline import MICRO
+
+    from specs_jax.pipeline import load_pipeline_config
+    from specs_jax.pipeline.run import prepare_shared
+
+    return prepare_shared(load_pipeline_config(ROOT / "configs/specs_tiny.yaml", MICRO),
+                          tmp_path_factory.mktemp("rl"))
+
+
+def rl_args(kind: str, world, hf: Path) -> list[str]:
+    """GRPO (images, the accuracy filter on, 2 updates per rollout) or OPSD on the micro pipeline's base
+    model: 4 prompts per step, 16 (GRPO) / 8 (OPSD) rollout rows over the 8 devices."""
+    data, model = world
+    args = ["train", kind, "--export-hf", str(hf), "--config", f"configs/{kind}_tiny.yaml", "train.steps=3",
+            f"model.path={model}", f"data.train_path={data / 'train.parquet'}", "train.batch_size=4", "mesh.data=2",
+            "mesh.fsdp=4", "checkpoint.async_save=false", "log.tensorboard=false", "log.progress=false"]
+    if kind == "grpo":
+        # band [0.1, 1]: step 1 (no correct sample yet) keeps no group on any process and skips its updates
+        args += ["rl.accuracy_filter=[0.1,1.0]", "rl.num_iterations=2", "rl.group_size=4"]
+    return args
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["grpo", "opsd"])
+def test_two_processes_roll_out_and_train_as_one(kind, rl_world, tmp_path):
+    one = launch(rl_args(kind, rl_world, tmp_path / "hf1"), 1, 8, tmp_path / "one")
+    two = launch(rl_args(kind, rl_world, tmp_path / "hf2"), 2, 4, tmp_path / "two")
+    for r in (*one, *two):
+        assert r.returncode == 0, r.stderr[-3000:]
+    a, b = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [x["step"] for x in b] == [1, 2, 3]
+    shared = sorted({k for x in a for k in x if k.startswith(("loss", "grad_norm", "reward/", "rollout/"))})
+    assert {"loss", "reward/mean", "rollout/groups_kept"} <= set(shared)
+    for k in shared:  # the same samples, rewards and losses: every process's rows, gathered
+        np.testing.assert_allclose([x.get(k, np.nan) for x in b], [x.get(k, np.nan) for x in a], rtol=0, atol=1e-5,
+                                   err_msg=k)
+    assert any(x.get("loss", 0) != 0 for x in a), a  # rewards differed within some group: the updates did something
+    if kind == "grpo":  # the filter dropped every group of step 1 and some of the later ones
+        assert "loss" not in a[0] and [x["rollout/groups_kept"] for x in a][1:] != [1.0, 1.0]
+    p1, p2 = load_file(tmp_path / "hf1" / "model.safetensors"), load_file(tmp_path / "hf2" / "model.safetensors")
+    worst = max(float(np.abs(p1[k] - p2[k]).max()) for k in p1)
+    assert worst < 1e-5, worst

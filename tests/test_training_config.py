@@ -149,10 +149,11 @@ def test_micro_batches_carry_their_rows_images():
     cfg = small_model_config()
     batch = random_sft_batch(cfg, np.random.RandomState(0), 4, 24, image_grid=(1, 4, 4))
     stacked = prepare_sft(cfg, batch, 2)
-    # 32 patches per micro-batch, padded to the power-of-two bucket 64 by a dummy image (grid 1 x 2 x 16)
-    assert stacked.labels.shape == (2, 2, 24) and stacked.inputs.vision.pixel_values.shape == (2, 64, 1176)
-    np.testing.assert_array_equal(stacked.inputs.vision.pixel_values[1, :32], batch["pixel_values"][32:])
-    assert not stacked.inputs.vision.pixel_values[:, 32:].any()
+    # 16 patches per row, each row's padded to the power-of-two budget 64
+    assert stacked.labels.shape == (2, 2, 24) and stacked.inputs.vision.pixel_values.shape == (2, 2, 64, 1176)
+    np.testing.assert_array_equal(stacked.inputs.vision.pixel_values[1, :, :16],
+                                  batch["pixel_values"][32:].reshape(2, 16, -1))
+    assert not stacked.inputs.vision.pixel_values[:, :, 16:].any()
     np.testing.assert_array_equal(stacked.labels[1, :, :-1], batch["input_ids"][2:, 1:])
     expected_mask = batch["loss_mask"][2:, 1:] * batch["attention_mask"][2:, 1:]
     np.testing.assert_array_equal(stacked.mask[1, :, :-1], expected_mask)
@@ -164,8 +165,8 @@ def test_micro_batches_carry_their_rows_images():
     assert pairs["input_ids"].shape == (8, 24) and pairs["pixel_values"].shape == (8 * 16, 1176)
     seq = prepare_dpo(cfg, pairs, 2)
     np.testing.assert_array_equal(seq.inputs.input_ids[1], pairs["input_ids"][[2, 6, 3, 7]])
-    patches = pairs["pixel_values"].reshape(8, 16, -1)[[2, 6, 3, 7]].reshape(64, -1)
-    np.testing.assert_array_equal(seq.inputs.vision.pixel_values[1], patches)
+    patches = pairs["pixel_values"].reshape(8, 16, -1)[[2, 6, 3, 7]]
+    np.testing.assert_array_equal(seq.inputs.vision.pixel_values[1, :, :16], patches)
     # a pair shares its prompt (and image)
     prompt = int(pairs["loss_mask"][0].argmax())
     np.testing.assert_array_equal(pairs["input_ids"][:4, :prompt], pairs["input_ids"][4:, :prompt])

@@ -240,7 +240,7 @@ def test_opsd_spec_equals_a_direct_full_forward_computation(processor, model, te
     seqs = algo.sequences(prompts, ro)
     prepared = algo.prepare(seqs, 2)
     assert isinstance(prepared, DistillBatch) and prepared.mask.shape == (2, 2, M)
-    assert prepared.student.vision.pixel_values.shape[1] == 64  # both micro-batches padded to one patch bucket
+    assert prepared.student.vision.pixel_values.shape[:3] == (2, 2, 64)  # every row padded to one patch budget
     loss, metrics, _ = micro_losses(algo, graphdef, params_of(model), prepared, params_of(teacher_model))
 
     student = completion_logits(model, seqs["input_ids"], seqs["attention_mask"], seqs)

@@ -22,8 +22,11 @@ from specs_jax.training.rl import RLTrainer, accuracy_filter_mask, rollout_seed
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp("rl"))
+
+
+def make_world(root):
     """(data dir, model dir with its processor) of a tiny random model sized to a synthetic corpus."""
-    root = tmp_path_factory.mktemp("rl")
     ds = synth_dataset(SynthConfig(n_train=32, n_id_test=4, n_ood_test=4, size=56))
     save_synth(ds, root / "data")
     processor = build_processor(list(ds["train"]["question"]) + list(ds["train"]["solution"]),
@@ -143,7 +146,7 @@ def test_dr_grpo_scales_no_rewards_and_importance_sampling_recomputes_old_logps(
     collected = trainer.collect(next(iter(data)))
     seqs = collected.seqs
     np.testing.assert_array_equal(seqs["sampler_logps"], seqs["old_logps"])  # the sampler's, as collected
-    prepared = trainer._refresh(trainer.place(trainer.algorithm.prepare(seqs, 1)))
+    prepared = trainer._refresh(trainer.prepare(seqs, 1))
     model = model_from_params(trainer.graphdef, join_params(trainer.state.params, trainer.state.frozen))
     micro = jax.tree.map(lambda x: x[0], prepared)
     ours = np.asarray(sequence_logps(model, micro, trainer.cfg.rl.temperature))

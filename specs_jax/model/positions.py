@@ -82,6 +82,30 @@ def get_rope_index(
     return positions.astype(np.int32), deltas.astype(np.int32)
 
 
+def image_rows(cfg: ModelConfig, input_ids: np.ndarray, attention_mask: np.ndarray | None,
+               image_grid_thw: np.ndarray) -> np.ndarray:
+    """``[I]``: the row of each image of ``image_grid_thw [I, 3]`` (images in row-major order of their attended
+    ``<|image_pad|>`` tokens, ``grid.prod() / merge**2`` tokens each)."""
+    ids = np.asarray(input_ids)
+    mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    grid = np.asarray(image_grid_thw).reshape(-1, 3)
+    per_row = ((ids == cfg.image_token_id) & mask).sum(1)
+    ends = np.cumsum(grid.prod(-1) // cfg.vision.spatial_merge_size**2)
+    if len(grid) and ends[-1] != per_row.sum():
+        raise ValueError(f"image_grid_thw describes {ends[-1]} image tokens, input_ids hold {per_row.sum()}")
+    return np.searchsorted(np.cumsum(per_row), ends, side="left")
+
+
+def row_patches(cfg: ModelConfig, input_ids: np.ndarray, attention_mask: np.ndarray | None,
+                image_grid_thw: np.ndarray | None) -> np.ndarray:
+    """``[B]``: image patches of each row (0 without images); the largest sets the rows' patch budget."""
+    if image_grid_thw is None:
+        return np.zeros(len(input_ids), np.int64)
+    grid = np.asarray(image_grid_thw).reshape(-1, 3)
+    rows = image_rows(cfg, input_ids, attention_mask, grid)
+    return np.bincount(rows, weights=grid.prod(-1), minlength=len(input_ids)).astype(np.int64)
+
+
 class VisionLayout(NamedTuple):
     """Index arrays that lay out the patches of a list of images for the vision tower.
 

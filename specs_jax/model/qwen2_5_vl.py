@@ -28,18 +28,30 @@ from specs_jax.model.attention import Segments, attention, padding_segments, sel
 from specs_jax.model.config import ModelConfig
 from specs_jax.model.layers import (Embedding, GatedMLP, Linear, RMSNorm, _param, activation, apply_rotary,
                                     constrain_batch, scan_layers)
-from specs_jax.model.positions import get_rope_index, vision_layout
+from specs_jax.model.positions import get_rope_index, image_rows, row_patches, vision_layout
 
 
 class VisionInputs(NamedTuple):
-    """Patches of all images of a batch and their layout (see :class:`positions.VisionLayout`)."""
+    """The images of a batch laid out per row, like the tokens, so that they shard over the batch axes with
+    them and each row's images go through the vision tower on the device that holds the row.
 
-    pixel_values: jax.Array  # [N, C*T*P*P]
-    permutation: jax.Array  # [N]
-    pos_hw: jax.Array  # [N, 2]
-    window_segment: jax.Array  # [N]
-    image_segment: jax.Array  # [N]
-    unpermute: jax.Array  # [N / merge**2]
+    Row ``b`` holds the patches of its own images (processor order, images in the order of its
+    ``<|image_pad|>`` blocks) padded to a per-row budget ``P`` (a bucket, a multiple of ``merge**2``), and their
+    :class:`~specs_jax.model.positions.VisionLayout` padded alike. The segment ids are the validity mask:
+    padding patches carry :data:`PAD_SEGMENT` (a segment of their own, so no real patch attends to them) and
+    their merged features are never read (row ``b``'s ``k``-th image token takes the row's merged feature ``k``).
+    The vision tower's attention therefore never spans rows.
+    """
+
+    pixel_values: jax.Array  # [B, P, C*T*P*P]
+    permutation: jax.Array  # [B, P]: window order of the row's patches (padding last)
+    pos_hw: jax.Array  # [B, P, 2]
+    window_segment: jax.Array  # [B, P], PAD_SEGMENT on padding
+    image_segment: jax.Array  # [B, P], PAD_SEGMENT on padding
+    unpermute: jax.Array  # [B, P / merge**2]: processor order of the merged tokens (padding last)
+
+
+PAD_SEGMENT = -1  # segment id of the padding patches of a row's image budget
 
 
 class KVCache(NamedTuple):
@@ -93,14 +105,14 @@ def mrope_cos_sin(positions: jax.Array, head_dim: int, theta: float, section: tu
 
 
 def vision_cos_sin(pos_hw: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """2D axial RoPE of the vision tower: ``pos_hw [N, 2]`` -> fp32 ``cos, sin [N, head_dim]``.
+    """2D axial RoPE of the vision tower: ``pos_hw [..., N, 2]`` -> fp32 ``cos, sin [..., N, head_dim]``.
 
     ``head_dim/4`` frequencies ``1/theta^(2i/(head_dim/2))`` rotate the row and the column
     coordinate: ``[f*h, f*w, f*h, f*w]``.
     """
     inv_freq = jnp.asarray(rope_inv_freq(head_dim // 2, theta))
-    freqs = pos_hw.astype(jnp.float32)[..., None] * inv_freq  # [N, 2, head_dim/4]
-    freqs = rearrange(freqs, "n s f -> n (s f)")
+    freqs = pos_hw.astype(jnp.float32)[..., None] * inv_freq  # [..., N, 2, head_dim/4]
+    freqs = rearrange(freqs, "... s f -> ... (s f)")
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
 
@@ -142,13 +154,14 @@ class VisionAttention(nnx.Module):
         self.attention = cfg.attention
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array) -> jax.Array:
-        """Attention of the patches ``x [N, E]`` within their segment (``segment_ids [N]``: window or image)."""
-        q, k, val = rearrange(self.qkv(x), "n (three h d) -> three n h d", three=3, h=self.num_heads)
+        """Attention of each row's patches ``x [B, P, E]`` within their segment (``segment_ids [B, P]``: window
+        or image)."""
+        q, k, val = rearrange(self.qkv(x), "b n (three h d) -> three b n h d", three=3, h=self.num_heads)
         q = apply_rotary(q.astype(jnp.float32), cos, sin).astype(x.dtype)
         k = apply_rotary(k.astype(jnp.float32), cos, sin).astype(x.dtype)
-        out = attention(q[None], k[None], val[None], self_segments(segment_ids[None]), scale=q.shape[-1] ** -0.5,
-                        causal=False, backend=self.attention)[0]
-        return self.proj(rearrange(out, "n h d -> n (h d)"))
+        out = attention(q, k, val, self_segments(segment_ids), scale=q.shape[-1] ** -0.5, causal=False,
+                        backend=self.attention)
+        return self.proj(rearrange(out, "b n h d -> b n (h d)"))
 
 
 class VisionBlock(nnx.Module):
@@ -187,7 +200,7 @@ class PatchMerger(nnx.Module):
         self.width = width
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = self.ln_q(x).reshape(-1, self.width)
+        x = self.ln_q(x).reshape(*x.shape[:-2], -1, self.width)
         for layer in self.mlp:
             x = layer(x)
         return x
@@ -203,15 +216,17 @@ class VisionTransformer(nnx.Module):
         self.head_dim, self.theta, self.remat = v.head_dim, v.rope_theta, cfg.remat
 
     def __call__(self, vis: VisionInputs) -> jax.Array:
-        """``[N, C*T*P*P]`` patches -> ``[N / merge**2, out_hidden]`` merged features in processor order."""
-        x = self.patch_embed(vis.pixel_values)[vis.permutation]
+        """Per-row patches ``[B, P, C*T*P*P]`` -> merged features ``[B, P / merge**2, out_hidden]``, each row's in
+        processor order (its padding last)."""
+        gather = lambda x, index: jnp.take_along_axis(x, index[..., None], axis=1)
+        x = constrain_batch(gather(self.patch_embed(vis.pixel_values), vis.permutation))
         cos, sin = vision_cos_sin(vis.pos_hw, self.head_dim, self.theta)
 
         def body(block, h, is_full):  # full-attention blocks attend within an image, the others within a window
             return block(h, cos, sin, jnp.where(is_full, vis.image_segment, vis.window_segment)), None
 
         x, _ = scan_layers(self.blocks, x, jnp.asarray(self.full_attention), body, self.remat)
-        return self.merger(x)[vis.unpermute]
+        return gather(self.merger(x), vis.unpermute)
 
 
 # --------------------------------------------------------------------------------------------
@@ -315,10 +330,11 @@ class Qwen2_5_VLModel(nnx.Module):
 
 def scatter_image_features(embeds: jax.Array, input_ids: jax.Array, features: jax.Array,
                            image_token_id: int) -> jax.Array:
-    """Replace the embeddings at ``<|image_pad|>`` tokens, in row-major order, by ``features [M, E]``."""
+    """Replace the embeddings ``[B, T, E]`` at the ``<|image_pad|>`` tokens by the rows' image features
+    ``[B, M, E]``: row ``b``'s ``k``-th image token takes ``features[b, k]``."""
     is_image = input_ids == image_token_id
-    index = jnp.clip(jnp.cumsum(is_image.reshape(-1)) - 1, 0, features.shape[0] - 1)
-    gathered = features[index].reshape(embeds.shape).astype(embeds.dtype)
+    index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, features.shape[1] - 1)
+    gathered = jnp.take_along_axis(features, index[..., None], axis=1).astype(embeds.dtype)
     return jnp.where(is_image[..., None], gathered, embeds)
 
 
@@ -387,10 +403,11 @@ def prepare_inputs(cfg: ModelConfig, input_ids, attention_mask=None, pixel_value
                    image_grid_thw=None, *, patch_bucket: int | None = None) -> ModelInputs:
     """Host-side preparation of a transformers-style batch into :class:`ModelInputs` (numpy arrays).
 
-    Checks that the number of ``<|image_pad|>`` tokens matches the images' merged patch counts and
-    that ``pixel_values`` has one row per patch. ``patch_bucket`` pads the patches to that count with
-    a dummy image that no image token refers to (its features are computed and never used), so
-    batches with different image sizes share one compiled program.
+    ``pixel_values [N, C*T*P*P]`` / ``image_grid_thw [I, 3]`` come flat, as transformers' processor returns
+    them (images in row-major order of their ``<|image_pad|>`` blocks), and are laid out per row
+    (:func:`row_vision_inputs`). Checks that the number of ``<|image_pad|>`` tokens matches the images' merged
+    patch counts and that ``pixel_values`` has one row per patch. ``patch_bucket``: every row's patch budget
+    (default: the largest row's patch count), so that batches with other image sizes share one compiled program.
     """
     if isinstance(input_ids, jax.core.Tracer):
         raise TypeError("model(...) needs concrete arrays; inside jit call model.forward(prepare_inputs(...))")
@@ -415,23 +432,42 @@ def prepare_inputs(cfg: ModelConfig, input_ids, attention_mask=None, pixel_value
             raise ValueError(f"Image features and image tokens do not match: tokens {n_image_tokens}, "
                              f"features {n_features}")
         positions, _ = get_rope_index(cfg, ids, grid, mask)
-        if patch_bucket is not None:
-            pixels, grid = _pad_patches(cfg, pixels, grid, patch_bucket)
-        return ModelInputs(ids.astype(np.int32), positions, mask, VisionInputs(pixels, *vision_layout(cfg, grid)))
+        vision = row_vision_inputs(cfg, ids, mask, pixels, grid, patch_bucket)
+        return ModelInputs(ids.astype(np.int32), positions, mask, vision)
     if n_image_tokens:
         raise ValueError(f"input_ids hold {n_image_tokens} <|image_pad|> tokens but no pixel_values were given")
     positions, _ = get_rope_index(cfg, ids, None, mask)
     return ModelInputs(ids.astype(np.int32), positions, mask, None)
 
 
-def _pad_patches(cfg: ModelConfig, pixels: np.ndarray, grid: np.ndarray, bucket: int) -> tuple[np.ndarray, np.ndarray]:
-    """Append a dummy image of grid ``(1, merge, extra / merge)`` so that there are ``bucket`` patches."""
-    merge = cfg.vision.spatial_merge_size
-    extra = bucket - len(pixels)
-    if extra < 0 or extra % merge**2:
-        raise ValueError(f"patch_bucket {bucket} must be >= the {len(pixels)} patches and exceed them by a "
-                         f"multiple of {merge**2}")
-    if not extra:
-        return pixels, grid
-    return (np.concatenate([pixels, np.zeros((extra, pixels.shape[1]), pixels.dtype)]),
-            np.concatenate([grid, [[1, merge, extra // merge]]]))
+def row_vision_inputs(cfg: ModelConfig, input_ids: np.ndarray, attention_mask: np.ndarray, pixel_values: np.ndarray,
+                      image_grid_thw: np.ndarray, patch_bucket: int | None = None) -> VisionInputs:
+    """The per-row :class:`VisionInputs` of flat ``pixel_values [N, D]`` / ``image_grid_thw [I, 3]`` (images in
+    row-major order of their image tokens): row ``b`` gets its images' patches, padded to ``patch_bucket``
+    patches (default: the largest row's count; it must be at least that and a multiple of ``merge**2``)."""
+    unit = cfg.vision.spatial_merge_size**2
+    grid = np.asarray(image_grid_thw).reshape(-1, 3)
+    sizes = grid.prod(-1)
+    ends = np.cumsum(sizes)
+    rows = image_rows(cfg, input_ids, attention_mask, grid)
+    counts = row_patches(cfg, input_ids, attention_mask, grid)
+    budget = max(int(counts.max()), unit) if patch_bucket is None else patch_bucket
+    if budget < counts.max() or budget % unit:
+        raise ValueError(f"patch_bucket {budget} must be >= the largest row's {counts.max()} image patches and a "
+                         f"multiple of {unit}")
+    b = len(input_ids)
+    pixels = np.zeros((b, budget, pixel_values.shape[1]), pixel_values.dtype)
+    permutation = np.tile(np.arange(budget, dtype=np.int32), (b, 1))
+    unpermute = np.tile(np.arange(budget // unit, dtype=np.int32), (b, 1))
+    pos_hw = np.zeros((b, budget, 2), np.int32)
+    window_segment = np.full((b, budget), PAD_SEGMENT, np.int32)
+    image_segment = np.full((b, budget), PAD_SEGMENT, np.int32)
+    for row in np.unique(rows):
+        images = np.flatnonzero(rows == row)
+        n = int(counts[row])
+        pixels[row, :n] = np.concatenate([pixel_values[ends[i] - sizes[i]:ends[i]] for i in images])
+        layout = vision_layout(cfg, grid[images])
+        permutation[row, :n], pos_hw[row, :n] = layout.permutation, layout.pos_hw
+        window_segment[row, :n], image_segment[row, :n] = layout.window_segment, layout.image_segment
+        unpermute[row, :n // unit] = layout.unpermute
+    return VisionInputs(pixels, permutation, pos_hw, window_segment, image_segment, unpermute)

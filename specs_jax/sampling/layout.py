@@ -75,7 +75,7 @@ def reshard(params: dict, shardings: dict, dtype: Any) -> dict:
 
 def device_bytes() -> int | None:
     """Memory of one device in bytes, or None where the platform reports none (CPU)."""
-    return (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+    return (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
 
 
 def param_bytes(params: Any, dtype: Any) -> int:

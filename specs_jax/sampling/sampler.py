@@ -20,6 +20,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from specs_jax.model.positions import row_patches
 from specs_jax.model.qwen2_5_vl import ModelInputs, Qwen2_5_VLForConditionalGeneration, prepare_inputs
 from specs_jax.sampling.engine import GIB, choose_slots, engine_rollout
 from specs_jax.sampling.sample import SamplingParams
@@ -58,7 +59,7 @@ def powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
 @dataclasses.dataclass(frozen=True)
 class SamplerConfig:
     """Static shapes of the sampler. Prompts are left-padded to the next ``prompt_buckets`` length,
-    batches padded to the next ``batch_buckets`` size, image patches to the next ``patch_buckets``."""
+    batches padded to the next ``batch_buckets`` size, each prompt's image patches to the next ``patch_buckets``."""
 
     max_new_tokens: int = 256
     prompt_buckets: tuple[int, ...] = powers_of_two(32, 8192)
@@ -80,8 +81,8 @@ class SamplerConfig:
 
 
 def default_kv_cache_gib() -> float | None:
-    """Half the free memory of the first device in GiB, or None where the platform reports no memory stats."""
-    stats = jax.devices()[0].memory_stats() or {}
+    """Half the free memory of the first local device in GiB, or None where the platform reports no memory stats."""
+    stats = jax.local_devices()[0].memory_stats() or {}
     if "bytes_limit" not in stats:
         return None
     return (stats["bytes_limit"] - stats.get("bytes_in_use", 0)) / 2 / GIB
@@ -165,7 +166,8 @@ class Sampler:
         out_mask[b:, -1] = True  # padding rows: one dummy token so they are well defined
         patch_bucket = None
         if pixel_values is not None:
-            patch_bucket = _bucket(len(pixel_values), self.config.patch_buckets, "image patch count")
+            most = row_patches(self.model.config, out_ids, out_mask, image_grid_thw).max()
+            patch_bucket = _bucket(int(most), self.config.patch_buckets, "image patches of a prompt")
         inputs = prepare_inputs(self.model.config, out_ids, out_mask, pixel_values, image_grid_thw,
                                 patch_bucket=patch_bucket)
         return inputs, b
@@ -178,27 +180,36 @@ class Sampler:
         """Sample ``n`` completions per prompt of an already tokenised batch (transformers' arguments).
 
         ``weights``: a full pure-dict of parameters (e.g. a trainer's current params) to sample with
-        instead of the model's own; they are read, never copied or resharded. ``max_tokens``: per-prompt caps
+        instead of the model's own; they are read, never copied or resharded. When they are global arrays of a
+        multi-process job, every process calls this with its own prompts: the prompts of all processes are
+        gathered (in process order), sampled in one program on the global mesh, and each process gets the
+        samples of its own prompts, drawn exactly as one process sampling the whole batch draws them. ``max_tokens``: per-prompt caps
         on the generated tokens (each in ``[1, max_new_tokens]``; default ``max_new_tokens``)."""
         m = self.config.max_new_tokens
         caps = np.full(len(input_ids), m) if max_tokens is None else np.asarray(max_tokens)
         if caps.shape != (len(input_ids),) or caps.min(initial=1) < 1 or caps.max(initial=1) > m:
             raise ValueError(f"max_tokens must hold one cap in [1, max_new_tokens={m}] per prompt "
                              f"({len(input_ids)}), got {caps.tolist()}")
+        state = nnx.state(self.model) if weights is None else nnx.State(weights)
+        spans = jax.process_count() > 1 and not all(getattr(x, "is_fully_addressable", True)
+                                                          for x in jax.tree.leaves(state))
+        own = slice(0, len(input_ids))
+        if spans:  # weights of a multi-process job: one rollout of every process's prompts, in process order
+            input_ids, attention_mask, pixel_values, image_grid_thw, caps, own = _gather_prompts(
+                input_ids, attention_mask, pixel_values, image_grid_thw, caps)
         inputs, b = self._pad_batch(input_ids, attention_mask, pixel_values, image_grid_thw)
         bb, t = inputs.input_ids.shape
         slots = self.slots(bb * n, t)  # a function of the shape bucket; checked before any work starts
         limits = np.full(bb * n, m, np.int32)
         limits[:b * n] = np.repeat(caps, n)
-        state = nnx.state(self.model) if weights is None else nnx.State(weights)
         out = self._jitted(state, inputs, jax.random.key(seed), np.int32(b * n), limits, max_new_tokens=m, n=n,
                            slots=slots, params=params, top_probs=self.config.top_probs)
-        rows = b * n
-        tokens, logps, mask = (np.array(x[:rows]) for x in (out.tokens, out.logps, out.mask))
-        top = None if out.top_probs is None else np.asarray(out.top_probs)[:rows]
+        rows = slice(own.start * n, own.stop * n)  # this process's samples
+        tokens, logps, mask = (_host(x)[rows].copy() for x in (out.tokens, out.logps, out.mask))
+        top = None if out.top_probs is None else _host(out.top_probs)[rows]
         texts = self._decode(tokens, mask, stop) if decode else []
-        prompt_ids = np.repeat(np.asarray(inputs.input_ids)[:b], n, axis=0)
-        prompt_mask = np.repeat(np.asarray(inputs.attention_mask)[:b], n, axis=0)
+        prompt_ids = np.repeat(np.asarray(inputs.input_ids)[own], n, axis=0)
+        prompt_mask = np.repeat(np.asarray(inputs.attention_mask)[own], n, axis=0)
         return Generation(tokens, logps, mask, texts, top, prompt_ids, prompt_mask)
 
     def generate(self, prompts: Sequence[str | list], images: Sequence[Sequence[Any]] | None = None, *,
@@ -255,3 +266,36 @@ class Sampler:
                 mask[row, lo:] = False
             texts.append(text)
         return texts
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    """A result of the rollout program as a numpy array (gathered from the other processes when needed)."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    if x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _gather_prompts(input_ids, attention_mask, pixel_values, image_grid_thw, caps) -> tuple:
+    """Every process's prompts (and images, token caps) in process order, and the slice of this process's
+    prompts in them. Widths are padded to the longest process's (on the right: the rollout re-pads by the mask)."""
+    from specs_jax.training.sharding import agree_max, allgather_rows
+
+    ids = np.asarray(input_ids)
+    mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    (width, images) = agree_max(ids.shape[1], pixel_values is not None)
+    ids = np.pad(ids, ((0, 0), (0, width - ids.shape[1])))
+    mask = np.pad(mask, ((0, 0), (0, width - mask.shape[1])))
+    counts = allgather_rows(np.array([len(ids)]))
+    start = int(counts[:jax.process_index()].sum())
+    if images:
+        patch_dim = agree_max(0 if pixel_values is None else np.shape(pixel_values)[1])[0]
+        pixel_values = allgather_rows(np.zeros((0, patch_dim), np.float32) if pixel_values is None
+                                      else np.asarray(pixel_values, np.float32))
+        image_grid_thw = allgather_rows(np.zeros((0, 3), np.int64) if image_grid_thw is None
+                                        else np.asarray(image_grid_thw, np.int64).reshape(-1, 3))
+    return (allgather_rows(ids), allgather_rows(mask), pixel_values, image_grid_thw,
+            allgather_rows(np.asarray(caps, np.int64)), slice(start, start + len(ids)))

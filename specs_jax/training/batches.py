@@ -26,7 +26,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from specs_jax.model import ModelConfig, ModelInputs, prepare_inputs
+from specs_jax.model import ModelConfig, ModelInputs, image_rows, prepare_inputs, row_patches
+from specs_jax.training.sharding import agree_max
 
 __all__ = ["SeqBatch", "pow2_bucket", "prepare_dpo", "prepare_grpo", "prepare_sequences", "prepare_sft",
            "stack_micro"]
@@ -49,8 +50,9 @@ class SeqBatch(NamedTuple):
 
 
 def pow2_bucket(n: int, minimum: int = 64) -> int:
-    """The smallest power of two ``>= max(n, minimum)``. A step's image patches are padded to it (with a
-    dummy image no token attends to), so batches of other image sizes reuse the compiled step."""
+    """The smallest power of two ``>= max(n, minimum)``. Every row's image patches are padded to it (the
+    per-row budget of :class:`~specs_jax.model.VisionInputs`), so batches of other image sizes reuse the
+    compiled step."""
     return 1 << (max(n, minimum) - 1).bit_length()
 
 
@@ -60,14 +62,14 @@ def prepare_sequences(cfg: ModelConfig, input_ids: np.ndarray, attention_mask: n
                       ref_logps: np.ndarray | None = None, rows: dict[str, np.ndarray] | None = None,
                       patches: int | None = None) -> SeqBatch:
     """One :class:`SeqBatch`: the label at position ``t`` is token ``t+1``; it counts where token
-    ``t+1`` is an attended ``loss_mask`` token (the last position never counts). ``patches``: pad the
-    image patches to this count (:func:`specs_jax.model.prepare_inputs`'s ``patch_bucket``)."""
+    ``t+1`` is an attended ``loss_mask`` token (the last position never counts). ``patches``: every row's
+    image patch budget (:func:`specs_jax.model.prepare_inputs`'s ``patch_bucket``)."""
     ids = np.asarray(input_ids)
     attn = np.asarray(attention_mask).astype(bool)
     resp = np.asarray(loss_mask).astype(bool)
     if resp.shape != ids.shape:
         raise ValueError(f"loss_mask shape {resp.shape} != input_ids shape {ids.shape}")
-    if patches is not None and pixel_values is None:  # no image here, but in other micro-batches: dummy only
+    if patches is not None and pixel_values is None:  # no image here, but in other micro-batches: padding only
         pixel_values = np.zeros((0, cfg.vision.patch_dim), np.float32)
         image_grid_thw = np.zeros((0, 3), np.int64)
     inputs = prepare_inputs(cfg, ids, attn, pixel_values, image_grid_thw, patch_bucket=patches)
@@ -86,18 +88,6 @@ def prepare_sequences(cfg: ModelConfig, input_ids: np.ndarray, attention_mask: n
     return SeqBatch(inputs, labels, mask, ref_logps, rows)
 
 
-def _image_rows(cfg: ModelConfig, input_ids: np.ndarray, attention_mask: np.ndarray,
-                grid: np.ndarray) -> np.ndarray:
-    """Row index of every image (images are in row-major order of their image tokens)."""
-    per_row = ((input_ids == cfg.image_token_id) & attention_mask.astype(bool)).sum(1)
-    per_image = grid.prod(-1) // cfg.vision.spatial_merge_size**2
-    ends = np.cumsum(per_image)
-    rows = np.searchsorted(np.cumsum(per_row), ends, side="left")
-    if ends[-1] != per_row.sum():
-        raise ValueError(f"image_grid_thw describes {ends[-1]} image tokens, input_ids hold {per_row.sum()}")
-    return rows
-
-
 def select_images(cfg: ModelConfig, batch: Mapping[str, np.ndarray],
                   rows: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
     """``(pixel_values, image_grid_thw)`` of the images that ``rows`` of ``batch`` show, in the order of
@@ -105,7 +95,7 @@ def select_images(cfg: ModelConfig, batch: Mapping[str, np.ndarray],
     if batch.get("pixel_values") is None:
         return None, None
     grid = np.asarray(batch["image_grid_thw"]).reshape(-1, 3)
-    image_row = _image_rows(cfg, np.asarray(batch["input_ids"]), np.asarray(batch["attention_mask"]), grid)
+    image_row = image_rows(cfg, batch["input_ids"], batch["attention_mask"], grid)
     patch_end = np.cumsum(grid.prod(-1))
     patch_start = patch_end - grid.prod(-1)
     keep = [i for r in rows for i in np.flatnonzero(image_row == r)]
@@ -115,14 +105,28 @@ def select_images(cfg: ModelConfig, batch: Mapping[str, np.ndarray],
     return np.concatenate([pixels[patch_start[i]:patch_end[i]] for i in keep]), grid[keep]
 
 
+def pad_columns(batch: Mapping[str, np.ndarray], width: int) -> dict[str, np.ndarray]:
+    """``batch`` with its ``[rows, T]`` arrays (those shaped like ``input_ids``) padded on the right with zeros to
+    ``width`` columns: padding, since ``attention_mask`` and ``loss_mask`` are 0 there."""
+    shape = np.shape(batch["input_ids"])
+    extra = width - shape[1]
+    if extra < 0:
+        raise ValueError(f"cannot pad a batch of {shape[1]} columns to {width}")
+    return {k: np.pad(v, ((0, 0), (0, extra))) if extra and isinstance(v, np.ndarray) and v.shape == shape else v
+            for k, v in batch.items()}
+
+
 def _prepare_rows(cfg: ModelConfig, batch: Mapping[str, np.ndarray], row_sets: list[np.ndarray],
                   per_row: tuple[str, ...] = ()) -> SeqBatch:
     """Stacked :class:`SeqBatch` of micro-batches, micro-batch ``i`` holding rows ``row_sets[i]`` of
-    ``batch`` with the images those rows show (patches padded to one :func:`pow2_bucket` for all)
-    and the ``per_row`` arrays of those rows in :attr:`SeqBatch.rows`."""
+    ``batch`` with the images those rows show and the ``per_row`` arrays of those rows in
+    :attr:`SeqBatch.rows`. The columns and every row's image patches are padded to widths that all processes of
+    the job agree on (:func:`~specs_jax.training.sharding.agree_max`), the patches to a :func:`pow2_bucket`."""
+    patches = row_patches(cfg, batch["input_ids"], batch["attention_mask"], batch.get("image_grid_thw"))
+    width, most = agree_max(np.shape(batch["input_ids"])[1], patches.max(initial=0))
+    batch = pad_columns(batch, width)
+    patches = pow2_bucket(most) if most else None
     images = [select_images(cfg, batch, rows) for rows in row_sets]
-    counts = [len(pixels) for pixels, _ in images if pixels is not None]
-    patches = pow2_bucket(max(counts)) if counts else None
     parts = []
     for rows, (pixels, grid) in zip(row_sets, images):
         out = {k: np.asarray(batch[k])[rows] for k in (*ROW_KEYS, REF_KEY, *per_row) if batch.get(k) is not None}

@@ -81,17 +81,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
 from specs_jax.data.pipeline import prompt_messages
 from specs_jax.data.tokenizer import IMAGE_TOKEN, Processor
 from specs_jax.losses import vigos_description_end, vigos_teacher_index
-from specs_jax.model import ModelConfig, ModelInputs, prepare_inputs
+from specs_jax.model import ModelConfig, ModelInputs, prepare_inputs, row_patches
 from specs_jax.training.algorithm import Algorithm, register_algorithm
 from specs_jax.training.batches import pow2_bucket, select_images, stack_micro
 from specs_jax.training.config import RunConfig
 from specs_jax.training.grpo import ScoredRollout, rollout_sequences
-from specs_jax.training.sharding import batch_spec
+from specs_jax.training.sharding import agree_max, batch_spec
 from specs_jax.training.state import model_from_params
 from specs_jax.training.steps import LossSpec, StepContext
 
@@ -289,8 +289,10 @@ class _Distill(Algorithm):
             f"student's. Student prompt: {self.processor.tokenizer.decode(student_ids)!r}")
 
     def _context_rows(self, contexts: list[np.ndarray], gen) -> tuple[np.ndarray, np.ndarray]:
-        """Left-pad one context per row to a power-of-two width and append the completion columns."""
-        width = pow2_bucket(max(len(c) for c in contexts), 32)
+        """Left-pad one context per row to a power-of-two width (the same on every process) and append the
+        completion columns."""
+        (longest,) = agree_max(max(len(c) for c in contexts))
+        width = pow2_bucket(longest, 32)
         ids = np.full((len(contexts), width), self.pad_id, np.int32)
         attn = np.zeros((len(contexts), width), np.int32)
         for r, c in enumerate(contexts):
@@ -327,15 +329,16 @@ class _Distill(Algorithm):
 
     # ------------------------------------------------------------------ step inputs
     def prepare(self, seqs: Mapping[str, Any], accum: int) -> DistillBatch:
-        """Batch dict -> :class:`DistillBatch` stacked ``[accum, R/accum, ...]``; each micro-batch's
-        image patches padded to one common power-of-two count (a dummy image)."""
+        """Batch dict -> :class:`DistillBatch` stacked ``[accum, R/accum, ...]``; every row's image patches padded
+        to one power-of-two budget that all processes agree on."""
         n_rows = len(seqs["input_ids"])
         if n_rows % accum:
             raise ValueError(f"batch of {n_rows} rollout rows is not divisible by grad_accum_steps={accum}")
         splits = np.split(np.arange(n_rows), accum)
         images = [select_images(self.model_cfg, seqs, rows) for rows in splits]
-        has_images = any(g is not None for _, g in images)
-        patches = pow2_bucket(max((len(p) for p, _ in images if p is not None), default=0)) if has_images else None
+        counts = row_patches(self.model_cfg, seqs["input_ids"], seqs["attention_mask"], seqs.get("image_grid_thw"))
+        (most,) = agree_max(counts.max(initial=0))  # one patch budget per row for every process
+        patches = pow2_bucket(most) if most else None
         parts = []
         for rows, (pixels, grid) in zip(splits, images):
             # teacher rows show the same images as their student rows: positions from them, vision from the student
@@ -343,7 +346,7 @@ class _Distill(Algorithm):
                 prepare_inputs(self.model_cfg, seqs[f"{name}_input_ids"][rows], seqs[f"{name}_attention_mask"][rows],
                                pixels, grid)._replace(vision=None)
                 for name in self.teacher_names)
-            if has_images and pixels is None:  # a micro-batch without images among ones with: dummy image only
+            if patches is not None and pixels is None:  # a micro-batch without images among ones with: padding only
                 pixels = np.zeros((0, self.model_cfg.vision.patch_dim), np.float32)
                 grid = np.zeros((0, 3), np.int64)
             student = prepare_inputs(self.model_cfg, seqs["input_ids"][rows], seqs["attention_mask"][rows], pixels,
@@ -356,18 +359,16 @@ class _Distill(Algorithm):
         return stack_micro(parts)
 
     def shardings(self, prepared: DistillBatch, mesh: Mesh) -> DistillBatch:
-        """Rows (axis 1; axis 2 of positions ``[A, 3, b, T]``) over ``(data, fsdp)``, images replicated."""
-        n = mesh.shape["data"] * mesh.shape["fsdp"]
-        if prepared.mask.shape[1] % n:
-            raise ValueError(f"micro-batch of {prepared.mask.shape[1]} rows is not divisible by the data x fsdp "
-                             f"mesh size {n}")
-        replicated = NamedSharding(mesh, PartitionSpec())
-
+        """Rows (axis 1; axis 2 of positions ``[A, 3, b, T]``) over ``(data, fsdp)``, the rows' images with them."""
+        n, p = mesh.shape["data"] * mesh.shape["fsdp"], jax.process_count()
+        if (prepared.mask.shape[1] * p) % n:
+            raise ValueError(f"micro-batch of {prepared.mask.shape[1]} rows per process x {p} process(es) is not "
+                             f"divisible by the data x fsdp mesh size {n}")
         def rows(axis: int, x) -> NamedSharding:
             return NamedSharding(mesh, batch_spec(x.ndim, axis))
 
         def inputs(x: ModelInputs) -> ModelInputs:
-            vision = None if x.vision is None else jax.tree.map(lambda _: replicated, x.vision)
+            vision = None if x.vision is None else jax.tree.map(lambda v: rows(1, v), x.vision)
             return ModelInputs(rows(1, x.input_ids), rows(2, x.positions), rows(1, x.attention_mask), vision)
 
         return DistillBatch(inputs(prepared.student), tuple(inputs(t) for t in prepared.teachers),

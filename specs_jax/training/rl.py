@@ -23,6 +23,13 @@ prompts; ``input_ids`` left-padded, ``answer``, images), :meth:`RLTrainer.train_
   counter moves.
 
 ``state.step`` counts optimizer updates; loop step ``k`` ends at update ``k * num_iterations``.
+
+Several processes (one per host): each holds ``train.batch_size / processes`` whole prompts (a group never
+spans processes). The rollout is one program on the global mesh over every process's prompts, gathered in
+process order (:meth:`~specs_jax.sampling.Sampler.generate_ids`), so it draws exactly the samples one process
+draws; each process then decodes, scores and computes the advantages and the accuracy filter of its own groups,
+and builds its rows of the step batch. The rollout metrics are those of all rows (gathered); the updates skip
+only when no process kept a group.
 The algorithms: ``grpo`` in :mod:`specs_jax.training.grpo`; ``opsd`` and ``vigos`` in
 :mod:`specs_jax.training.distill`.
 """
@@ -47,7 +54,7 @@ from specs_jax.training.algorithm import get_algorithm
 from specs_jax.training.config import RunConfig
 from specs_jax.training.grpo import ScoredRollout, rollout
 from specs_jax.training.logging import check_finite
-from specs_jax.training.sharding import make_rules
+from specs_jax.training.sharding import agree_max, allgather_rows, make_rules
 from specs_jax.training.state import join_params, model_from_params
 from specs_jax.training.steps import under_mesh
 from specs_jax.training.trainer import Trainer, build_model
@@ -73,15 +80,19 @@ def accuracy_filter_mask(correct: np.ndarray, group_size: int, band: tuple[float
 
 
 def _scored(ro: ScoredRollout, scores: RewardBatch, keep: np.ndarray, group_size: int) -> dict[str, float]:
-    """Rollout metrics: reward mean/std, format rate, accuracy, lengths, kept share, group diversity."""
+    """Rollout metrics of the whole job's rows (every process's, gathered): reward mean/std, format rate,
+    accuracy, lengths, kept share, group diversity."""
     lengths = ro.generation.mask.sum(1)
-    flat = ro.rewards.reshape(-1, group_size)
+    rows = np.stack([ro.rewards, scores.format, scores.accuracy, lengths,
+                     lengths == ro.generation.tokens.shape[1], keep], 1).astype(np.float64)
+    rewards, fmt, accuracy, lengths, truncated, keep = allgather_rows(rows).T
+    flat = rewards.reshape(-1, group_size)  # groups never span processes
     return {
-        "reward/mean": float(ro.rewards.mean()), "reward/std": float(ro.rewards.std()),
-        "reward/format_rate": float((scores.format > 0).mean()),
-        "reward/accuracy": float((scores.accuracy > 0).mean()),
+        "reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
+        "reward/format_rate": float((fmt > 0).mean()),
+        "reward/accuracy": float((accuracy > 0).mean()),
         "rollout/length_mean": float(lengths.mean()), "rollout/length_max": float(lengths.max()),
-        "rollout/truncated": float((lengths == ro.generation.tokens.shape[1]).mean()),
+        "rollout/truncated": float(truncated.mean()),
         "rollout/groups_kept": float(keep.mean()),
         "rollout/groups_all_equal": float((flat.std(1) == 0).mean()),
     }
@@ -105,9 +116,6 @@ class RLTrainer(Trainer):
 
     def __init__(self, cfg: RunConfig, kind: str, processor: Any,
                  model: Qwen2_5_VLForConditionalGeneration | None = None, mesh: Mesh | None = None):
-        if jax.process_count() > 1:
-            raise ValueError(f"train {kind} runs on one process for now: the rollout is not yet split across the "
-                             f"{jax.process_count()} processes of this job; run it as one process on one host")
         model = build_model(cfg) if model is None else model
         # the sampler needs the model's structure and config only: its weights come from the train state
         abstract = nnx.merge(nnx.graphdef(model), jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
@@ -141,10 +149,6 @@ class RLTrainer(Trainer):
         function, e.g. ``none`` for Dr. GRPO), else ``group``."""
         return self.cfg.rl.scale_rewards or getattr(self.algorithm.loss_fn, "scale_rewards", "group")
 
-    def place(self, prepared: Any) -> Any:
-        """Put a host step batch on the mesh with the algorithm's shardings."""
-        return jax.device_put(prepared, self.algorithm.shardings(prepared, self.mesh))
-
     def train_step(self, prompts: dict[str, Any]) -> dict[str, float]:
         """One loop step on a prompt batch: :meth:`collect`, then :meth:`update`."""
         t0 = time.perf_counter()
@@ -154,7 +158,7 @@ class RLTrainer(Trainer):
         t2 = time.perf_counter()
         metrics.update({"time/rollout_s": t1 - t0, "time/update_s": t2 - t1})
         ro = collected.rollout
-        self.last_tokens = float(ro.generation.mask.sum() + ro.generation.prompt_mask.sum())
+        self.last_tokens = float(ro.generation.mask.sum() + ro.generation.prompt_mask.sum()) * jax.process_count()
         self.last_rollout = ro
         return metrics
 
@@ -162,9 +166,9 @@ class RLTrainer(Trainer):
         """Rollout from the current weights, scoring, advantages, the accuracy filter and the algorithm's
         step batch, for the next loop step."""
         cfg, rl = self.cfg, self.cfg.rl
-        if len(prompts["input_ids"]) != cfg.train.batch_size:
-            raise ValueError(f"prompt batch of {len(prompts['input_ids'])} rows, but train.batch_size="
-                             f"{cfg.train.batch_size}")
+        if len(prompts["input_ids"]) * jax.process_count() != cfg.train.batch_size:
+            raise ValueError(f"prompt batch of {len(prompts['input_ids'])} rows on each of {jax.process_count()} "
+                             f"process(es), but train.batch_size={cfg.train.batch_size}")
         scores: list[RewardBatch] = []
         score_s = [0.0]
 
@@ -213,13 +217,14 @@ class RLTrainer(Trainer):
         return prepared if fn is None else fn(join_params(self.state.params, self.state.frozen), prepared)
 
     def update(self, seqs: dict[str, Any]) -> dict[str, float]:
-        """``rl.num_iterations`` optimizer updates on a host step batch (:meth:`Algorithm.sequences`);
-        the metrics of the last one. An all-zero ``loss_mask`` (every group filtered) skips the updates:
+        """``rl.num_iterations`` optimizer updates on a host step batch (:meth:`Algorithm.sequences`; this process's
+        rows); the metrics of the last one. An all-zero ``loss_mask`` on every process (every group filtered) skips
+        the updates:
         only the step counter moves, the weights and the optimizer state stay."""
-        if not np.asarray(seqs["loss_mask"]).any():
+        if not agree_max(np.asarray(seqs["loss_mask"]).any())[0]:  # on no process
             self.state = self.state._replace(step=self.state.step + self.updates_per_step)
             return {}
-        prepared = self._refresh(self.place(self.algorithm.prepare(seqs, self.cfg.optim.grad_accum_steps)))
+        prepared = self._refresh(self.prepare(seqs))
         fn = self._fns(prepared)[0]
         for _ in range(self.updates_per_step):
             self.state, metrics = fn(self.state, prepared, self.extra)

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BATCH_AXES", "DEFAULT_RULES", "MESH_AXES", "batch_spec", "logical_to_spec", "make_mesh", "make_rules",
-    "check_processes_agree", "initialize_processes", "param_shardings", "process_batch_slice", "tree_shardings_like",
+    "agree_max", "allgather_rows", "check_processes_agree", "initialize_processes", "param_shardings", "process_batch_slice", "tree_shardings_like",
 ]
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -186,3 +186,29 @@ def check_processes_agree(**values: Any) -> None:
         raise ValueError(f"the {jax.process_count()} processes of this job disagree on {differ} (this process, "
                          f"{jax.process_index()}: {({k: values[k] for k in differ})}); start every process with the "
                          "same config and data")
+
+
+def agree_max(*values: int) -> tuple[int, ...]:
+    """Each value's largest over the processes of the job (unchanged on one process): the shapes every process
+    pads its rows to (sequence widths, image patch budgets), since the rows of a global array must agree."""
+    if jax.process_count() == 1:
+        return tuple(int(v) for v in values)
+    from jax.experimental import multihost_utils
+
+    every = np.asarray(multihost_utils.process_allgather(np.array(values, np.int64)))  # [processes, values]
+    return tuple(int(v) for v in every.max(0))
+
+
+def allgather_rows(x: np.ndarray) -> np.ndarray:
+    """Every process's ``x [n_p, ...]`` concatenated in process order (``n_p`` may differ between processes, the
+    trailing shape and dtype must not); ``x`` itself on one process."""
+    x = np.asarray(x)
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils
+
+    counts = np.asarray(multihost_utils.process_allgather(np.array([len(x)], np.int64)))[:, 0]
+    padded = np.zeros((int(counts.max()), *x.shape[1:]), x.dtype)
+    padded[:len(x)] = x
+    every = np.asarray(multihost_utils.process_allgather(padded))  # [processes, max rows, ...]
+    return np.concatenate([every[p, :n] for p, n in enumerate(counts)])

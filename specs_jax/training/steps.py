@@ -62,17 +62,16 @@ def sequence_logps(model: nnx.Module, seq: SeqBatch, temperature: float = 1.0) -
 
 def batch_shardings(batch: SeqBatch, mesh: Mesh) -> SeqBatch:
     """Shardings of a stacked, process-local batch: rows (axis 1; axis 2 of ``positions [A, 3, b, T]``) over
-    the ``(data, fsdp)`` axes, image arrays replicated."""
+    the ``(data, fsdp)`` axes, the rows' images (:class:`~specs_jax.model.VisionInputs`, per row) with them."""
     def rows(axis: int, x) -> NamedSharding:
         return NamedSharding(mesh, batch_spec(x.ndim, axis))
 
-    replicated = NamedSharding(mesh, PartitionSpec())
     n, p = mesh.shape["data"] * mesh.shape["fsdp"], jax.process_count()
     if (batch.labels.shape[1] * p) % n:
         raise ValueError(f"micro-batch of {batch.labels.shape[1]} rows per process x {p} process(es) is not "
                          f"divisible by the data x fsdp mesh size {n}")
     inputs = batch.inputs
-    vision = None if inputs.vision is None else jax.tree.map(lambda _: replicated, inputs.vision)
+    vision = None if inputs.vision is None else jax.tree.map(lambda x: rows(1, x), inputs.vision)
     return SeqBatch(
         inputs=type(inputs)(rows(1, inputs.input_ids), rows(2, inputs.positions), rows(1, inputs.attention_mask),
                             vision),

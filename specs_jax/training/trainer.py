@@ -124,12 +124,10 @@ class Trainer:
     # ---------------------------------------------------------------------------------------
 
     def prepare(self, batch: dict[str, np.ndarray], accum: int | None = None) -> SeqBatch:
-        """Host batch dict -> global, sharded :class:`SeqBatch` ``[accum, rows, ...]``."""
+        """This process's host batch dict -> the global, sharded step batch ``[accum, rows, ...]`` (each process
+        contributes its rows, images included)."""
         accum = self.cfg.optim.grad_accum_steps if accum is None else accum
         local = self.algorithm.prepare(batch, accum)
-        if jax.process_count() > 1 and getattr(getattr(local, "inputs", None), "vision", None) is not None:
-            raise ValueError("multi-process training with images needs every process to hold all images of the "
-                             "global batch; not supported yet")
         shardings = self.algorithm.shardings(local, self.mesh)
         return jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(s, x)
                             if s.spec != PartitionSpec() else jax.device_put(x, s), local, shardings)
