@@ -184,3 +184,23 @@ def test_two_processes_roll_out_and_train_as_one(kind, rl_world, tmp_path):
     p1, p2 = load_file(tmp_path / "hf1" / "model.safetensors"), load_file(tmp_path / "hf2" / "model.safetensors")
     worst = max(float(np.abs(p1[k] - p2[k]).max()) for k in p1)
     assert worst < 1e-5, worst
+
+
+@pytest.mark.slow
+def test_a_two_process_checkpoint_resumes_in_one_process_exactly(rl_world, tmp_path):
+    """N -> M: the checkpoint of a 2-process job (file data, each process at its own index of its share of the
+    rows) continues in a 1-process job with the rows and losses an uninterrupted 1-process run has."""
+    data, model = rl_world
+    args = ["train", "sft", "--config", "configs/sft_tiny.yaml", f"model.path={model}", "data.source=files",
+            f"data.train_path={model.parent / 'sft.parquet'}", "data.buckets=[256]", "train.batch_size=4",
+            "optim.schedule=constant", "optim.warmup_steps=0", "mesh.data=1", "mesh.fsdp=4", "checkpoint.every=2",
+            "checkpoint.async_save=false", "log.tensorboard=false", "log.progress=false"]
+    straight = launch([*args, "train.steps=4"], 1, 4, tmp_path / "straight")
+    first = launch([*args, "train.steps=2"], 2, 2, tmp_path / "moved")
+    second = launch([*args, "train.steps=4"], 1, 4, tmp_path / "moved")
+    for r in (*straight, *first, *second):
+        assert r.returncode == 0, r.stderr[-3000:]
+    want = {x["step"]: x["loss"] for x in metrics(tmp_path / "straight")}
+    got = {x["step"]: x["loss"] for x in metrics(tmp_path / "moved")}
+    assert sorted(got) == [1, 2, 3, 4]
+    np.testing.assert_allclose([got[k] for k in range(1, 5)], [want[k] for k in range(1, 5)], atol=1e-5)

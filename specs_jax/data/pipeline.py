@@ -411,6 +411,22 @@ class BatchIterator(grain.DatasetIterator):
         self._parent.set_state(state["parent"])
         self._skipped = Counter(state["skipped"])
 
+    @staticmethod
+    def rescale_state(states: list[dict[str, Any]], count: int) -> dict[str, Any]:
+        """The state, in a job of ``count`` processes, of the position that ``states`` (one per process of the job
+        that saved it) describe. Each process's position is its index into its share of the rows, ``k * B / n``
+        after ``k`` global batches of ``B`` rows over ``n`` processes, so it carries over when no process skipped a
+        row (then all are at the same index) and ``count`` divides the rows consumed."""
+        first = states[0]
+        if any(s != first for s in states) or first["skipped"] or set(first["parent"]) != {"next_index"}:
+            raise ValueError(f"the checkpoint's data position was saved by {len(states)} processes that had skipped "
+                             f"bad rows ({[s['skipped'] for s in states]}), so it does not carry over to {count} "
+                             f"processes; resume with {len(states)} processes")
+        rows = first["parent"]["next_index"] * len(states)  # rows of the global order consumed
+        if rows % count:
+            raise ValueError(f"the checkpoint's data position ({rows} rows) does not split over {count} processes")
+        return {"parent": {"next_index": rows // count}, "skipped": {}}
+
 
 class _ProcessSlice(grain.MapDataset):
     """Process ``index`` of ``count``'s rows of the global order: global batch ``k`` is the parent's elements

@@ -11,6 +11,7 @@ already used by an earlier dimension of the same array, stays replicated.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 from collections.abc import Mapping
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BATCH_AXES", "DEFAULT_RULES", "MESH_AXES", "batch_spec", "logical_to_spec", "make_mesh", "make_rules",
-    "agree_max", "allgather_rows", "check_processes_agree", "initialize_processes", "param_shardings", "process_batch_slice", "tree_shardings_like",
+    "agree_max", "allgather_json", "allgather_rows", "check_processes_agree", "initialize_processes", "param_shardings", "process_batch_slice", "tree_shardings_like",
 ]
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -212,3 +213,13 @@ def allgather_rows(x: np.ndarray) -> np.ndarray:
     padded[:len(x)] = x
     every = np.asarray(multihost_utils.process_allgather(padded))  # [processes, max rows, ...]
     return np.concatenate([every[p, :n] for p, n in enumerate(counts)])
+
+
+def allgather_json(value: Any) -> list:
+    """Every process's JSON-serialisable ``value``, in process order (``[value]`` on one process)."""
+    if jax.process_count() == 1:
+        return [value]
+    raw = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    lengths = allgather_rows(np.array([len(raw)], np.int64))
+    every = allgather_rows(raw)
+    return [json.loads(every[end - n:end].tobytes()) for n, end in zip(lengths, np.cumsum(lengths))]

@@ -119,3 +119,9 @@ class SyntheticSource:
 
     def set_state(self, state: dict[str, Any]) -> None:
         self.next = int(state["next"])
+
+    @staticmethod
+    def rescale_state(states: list[dict[str, Any]], count: int) -> dict[str, Any]:
+        """The position in a job of ``count`` processes: the same global batch (positions do not depend on the
+        process count)."""
+        return states[0]

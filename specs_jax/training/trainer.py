@@ -24,7 +24,7 @@ from specs_jax.training.batches import SeqBatch
 from specs_jax.training.checkpoint import Checkpointer
 from specs_jax.training.config import RunConfig, to_dict
 from specs_jax.training.logging import MetricLogger, check_finite
-from specs_jax.training.sharding import initialize_processes, make_mesh, make_rules
+from specs_jax.training.sharding import allgather_json, initialize_processes, make_mesh, make_rules
 from specs_jax.training.state import (
     FROZEN_VISION_PATH,
     create_state,
@@ -59,6 +59,19 @@ def _matmul_params(model: Qwen2_5_VLForConditionalGeneration) -> int:
     if not model.config.tie_word_embeddings:
         n -= model.config.text.vocab_size * model.config.text.hidden_size
     return n
+
+
+def _process_data_state(saved: dict[str, Any], data: Any) -> dict[str, Any]:
+    """This process's data state from a checkpoint's: its own when the job has as many processes as the one that
+    saved it, else the source's ``rescale_state`` of all of them (an N-process checkpoint in an M-process job)."""
+    states = saved["processes"] if "processes" in saved else [saved]  # checkpoints before per-process states
+    count = jax.process_count()
+    if len(states) == count:
+        return states[jax.process_index()]
+    if not hasattr(data, "rescale_state"):
+        raise ValueError(f"the checkpoint was written by {len(states)} processes and this job has {count}; "
+                         f"{type(data).__name__} cannot move its data position between process counts")
+    return data.rescale_state(states, count)
 
 
 class Trainer:
@@ -196,7 +209,7 @@ class Trainer:
             return 0
         self.state, data_state = self.checkpointer.restore(self.state)
         if hasattr(data, "set_state"):
-            data.set_state(data_state)
+            data.set_state(_process_data_state(data_state, data))
         return self.loop_step
 
     @property
@@ -205,7 +218,9 @@ class Trainer:
         return int(self.state.step) // self.updates_per_step
 
     def _data_state(self, data: Any, consumed: int) -> dict[str, Any]:
-        return data.get_state() if hasattr(data, "get_state") else {"batches_consumed": consumed}
+        """The data position of every process (``processes``: one state per process, in process order)."""
+        own = data.get_state() if hasattr(data, "get_state") else {"batches_consumed": consumed}
+        return {"processes": allgather_json(own)}
 
     def fit(self, data: Iterable[dict[str, np.ndarray]], eval_data: Iterable | None = None,
             resume: bool = True) -> list[dict[str, float]]:
