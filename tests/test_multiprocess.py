@@ -204,3 +204,22 @@ def test_a_two_process_checkpoint_resumes_in_one_process_exactly(rl_world, tmp_p
     got = {x["step"]: x["loss"] for x in metrics(tmp_path / "moved")}
     assert sorted(got) == [1, 2, 3, 4]
     np.testing.assert_allclose([got[k] for k in range(1, 5)], [want[k] for k in range(1, 5)], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_evaluate_as_one(rl_world, tmp_path):
+    """`specs-jax eval` on 2 processes: each runs every other batch (with its one-process seed) on its own copy of
+    the model; process 0 writes the gathered results, equal to one process's."""
+    data, model = rl_world
+    args = ["eval", "--model", str(model), "--no-progress", "--config", "configs/grpo_tiny.yaml",
+            f"eval.splits.id_test={data / 'id_test.parquet'}", f"eval.splits.train={data / 'train.parquet'}",
+            "eval.max_examples=8", "eval.batch_size=2", "eval.num_samples=2", "eval.ks=[1,2]"]
+    one = launch(args, 1, 1, tmp_path / "one")
+    two = launch(args, 2, 1, tmp_path / "two")
+    for r in (*one, *two):
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert "wrote" in two[0].stdout and "wrote" not in two[1].stdout
+    a = json.loads((tmp_path / "one" / "eval.json").read_text())
+    b = json.loads((tmp_path / "two" / "eval.json").read_text())
+    assert a["splits"] == b["splits"] and a["examples"] == b["examples"]
+    assert a["splits"]["train"]["n_prompts"] == 8 and a["splits"]["train"]["sample_accuracy"] > 0

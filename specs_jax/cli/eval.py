@@ -48,6 +48,8 @@ def format_table(splits: Mapping[str, Mapping[str, Any]], ks: Sequence[int]) -> 
 
 
 def run(args: argparse.Namespace) -> int:
+    import jax
+
     from specs_jax.convert.io import load_model
     from specs_jax.data.pipeline import DataConfig as PipelineConfig
     from specs_jax.data.pipeline import load_rows
@@ -57,6 +59,9 @@ def run(args: argparse.Namespace) -> int:
     from specs_jax.training.logging import write_json_atomic
 
     cfg = load_config(args.config[0], args.config[1:])
+    from specs_jax.training.sharding import initialize_processes
+
+    initialize_processes(cfg.mesh)  # several processes (mesh.*): each runs a share of the batches on its own copy
     if not cfg.eval.splits:
         raise ValueError("no evaluation splits: set eval.splits in the config or pass "
                          "eval.splits.NAME=FILE (e.g. eval.splits.id_test=data/id_test.parquet)")
@@ -75,11 +80,13 @@ def run(args: argparse.Namespace) -> int:
     processor_path = cfg.data.processor or model_path
     processor = load_processor(processor_path)
     model = load_model(model_path, cfg.model.dtype, attention=cfg.model.attention)
-    results = evaluate_model(model, processor, splits, cfg.eval, seed=cfg.train.seed, progress=args.progress,
+    results = evaluate_model(model, processor, splits, cfg.eval, seed=cfg.train.seed,
+                             progress=args.progress and jax.process_index() == 0,
                              pipeline=PipelineConfig(image_root=cfg.data.image_root, format=cfg.data.format))
-    print(format_table(results["splits"], cfg.eval.ks))
-    out = Path(args.out) if args.out else Path(cfg.train.output_dir) / "eval.json"
-    write_json_atomic(out, {"model": str(model_path), "processor": str(processor_path), "seed": cfg.train.seed,
-                            "eval": to_dict(cfg.eval), **results})
-    print(f"wrote {out}")
+    if jax.process_index() == 0:  # every process holds the gathered results; one reports them
+        print(format_table(results["splits"], cfg.eval.ks))
+        out = Path(args.out) if args.out else Path(cfg.train.output_dir) / "eval.json"
+        write_json_atomic(out, {"model": str(model_path), "processor": str(processor_path), "seed": cfg.train.seed,
+                                "eval": to_dict(cfg.eval), **results})
+        print(f"wrote {out}")
     return 0

@@ -22,7 +22,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import datasets
+import jax
 import numpy as np
+from flax import nnx
 
 from specs_jax.data.pipeline import DataConfig as PipelineConfig
 from specs_jax.data.pipeline import rl_batches
@@ -32,6 +34,7 @@ from specs_jax.model import Qwen2_5_VLForConditionalGeneration
 from specs_jax.rewards import score_batch
 from specs_jax.sampling import Sampler, SamplerConfig, SamplingParams
 from specs_jax.training.config import EvalConfig
+from specs_jax.training.sharding import allgather_json, owns_batch
 
 GREEDY = SamplingParams(temperature=0.0)
 NUM_EXAMPLES = 8
@@ -99,7 +102,10 @@ def evaluate_split(
     (a pure parameter dict, e.g. a trainer's) replace the model's own. ``pipeline`` gives the
     columns, image root and system prompt of the rows (default :class:`PipelineConfig`); batches
     of ``cfg.batch_size`` prompts are read in order, once, padded to the sampler's prompt buckets
-    (a longer prompt is skipped and counted in ``n_skipped``). ``on_batch(k)`` is called as ``k``
+    (a longer prompt is skipped and counted in ``n_skipped``). On several processes the batches are shared
+    round-robin (:func:`~specs_jax.training.sharding.owns_batch`; each keeps its one-process seed) and the
+    results gathered, so every process returns what one process does; the model must then be each process's
+    own copy (loaded on every host), not a global array of the job. ``on_batch(k)`` is called as ``k``
     more rows are consumed (skipped rows included), after each batch. Each greedy response is a
     dict ``row_id, question, answer, response, correct, formatted, length`` (completion tokens,
     EOS included); ``row_id`` indexes ``rows``.
@@ -111,11 +117,15 @@ def evaluate_split(
                                drop_remainder=False, shard_index=0, shard_count=1)
     sample_params = SamplingParams(temperature=cfg.temperature)
     n = cfg.num_samples
+    _check_local(sampler, weights)
     batches = rl_batches(rows, processor, data)
     responses: list[dict[str, Any]] = []
     samples: list[dict[str, Any]] = []
-    reported = 0
+    reported = seen = 0
     for index, batch in enumerate(batches):
+        seen += len(batch["row_id"])
+        if not owns_batch(index):
+            continue
         inputs = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["image_grid_thw"])
         row_ids = [int(r) for r in batch["row_id"]]
         answers = batch["answer"]
@@ -132,15 +142,28 @@ def evaluate_split(
         samples += [{"split": split, "prompt_id": row_ids[i // n], "correct": bool(acc > 0), "formatted": bool(fmt > 0)}
                     for i, (acc, fmt) in enumerate(zip(scores.accuracy, scores.format))]
         if on_batch is not None:
-            consumed = len(responses) + sum(batches.skipped.values())
+            consumed = seen + sum(batches.skipped.values())
             on_batch(consumed - reported)
             reported = consumed
     if on_batch is not None and len(rows) > reported:  # rows skipped after the last batch
         on_batch(len(rows) - reported)
+    if jax.process_count() > 1:  # every process's results, in row order
+        responses = sorted((r for part in allgather_json(responses) for r in part), key=lambda r: r["row_id"])
+        samples = sorted((x for part in allgather_json(samples) for x in part), key=lambda x: x["prompt_id"])
     metrics = split_metrics(split, [r["correct"] for r in responses], [r["formatted"] for r in responses],
                             [r["length"] for r in responses], samples, cfg.ks,
                             n_skipped=sum(batches.skipped.values()))
     return metrics, responses
+
+
+def _check_local(sampler: Sampler, weights: dict | None) -> None:
+    """Refuse weights that are global arrays of a multi-process job (evaluation shares batches, not programs)."""
+    if jax.process_count() == 1:
+        return
+    state = weights if weights is not None else nnx.state(sampler.model)
+    if not all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(state)):
+        raise ValueError("evaluation on several processes runs each batch on one process: give it a model loaded on "
+                         "each host (specs_jax.convert.io.load_model), not the global arrays of a training job")
 
 
 def evaluate_model(

@@ -11,6 +11,7 @@ already used by an earlier dimension of the same array, stays replicated.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BATCH_AXES", "DEFAULT_RULES", "MESH_AXES", "batch_spec", "logical_to_spec", "make_mesh", "make_rules",
-    "agree_max", "allgather_json", "allgather_rows", "check_processes_agree", "initialize_processes", "param_shardings", "process_batch_slice", "tree_shardings_like",
+    "agree_max", "allgather_arrays", "allgather_json", "allgather_rows", "owns_batch", "check_processes_agree", "initialize_processes", "param_shardings", "process_batch_slice", "tree_shardings_like",
 ]
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -223,3 +224,31 @@ def allgather_json(value: Any) -> list:
     lengths = allgather_rows(np.array([len(raw)], np.int64))
     every = allgather_rows(raw)
     return [json.loads(every[end - n:end].tobytes()) for n, end in zip(lengths, np.cumsum(lengths))]
+
+
+def owns_batch(index: int) -> bool:
+    """Whether this process runs batch ``index`` of a sequence of batches that the processes share round-robin
+    (process ``i`` of ``n`` runs batches ``i, i + n, ...``): each batch keeps the rows and seed it has in a
+    one-process run, so the results are those of one process."""
+    return index % jax.process_count() == jax.process_index()
+
+
+def allgather_arrays(arrays: list[np.ndarray]) -> list[list[np.ndarray]]:
+    """Every process's list of numpy arrays (any shapes and dtypes; ``.npy`` bytes, no pickle), in process order."""
+    if jax.process_count() == 1:
+        return [list(arrays)]
+    blobs = []
+    for a in arrays:
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(a), allow_pickle=False)
+        blobs.append(np.frombuffer(buf.getvalue(), np.uint8))
+    lengths = allgather_json([len(b) for b in blobs])
+    every = allgather_rows(np.concatenate(blobs) if blobs else np.zeros(0, np.uint8))
+    out, start = [], 0
+    for sizes in lengths:
+        mine = []
+        for n in sizes:
+            mine.append(np.load(io.BytesIO(every[start:start + n].tobytes()), allow_pickle=False))
+            start += n
+        out.append(mine)
+    return out
