@@ -31,8 +31,8 @@ What is counted (per device; one device of the mesh, all devices hold the same a
 - reference: for ``dpo`` and for ``grpo`` with ``--kl-coef > 0``, the frozen reference copy of
   all parameters that the trainer passes as the step's ``extra`` (same shardings as the params);
 - batch: the stacked micro-batches ``[grad_accum, rows, seq_len]`` (token ids, M-RoPE positions,
-  masks, labels; GRPO's old log-probs and advantages; image patches, replicated, with
-  ``--image-patches``);
+  masks, labels; GRPO's old log-probs and advantages; with ``--image-patches``, every row's image
+  patch budget, sharded with the rows);
 - arguments / outputs / alias: XLA's sizes of the step's inputs and outputs; the train state is
   donated, so its outputs alias its inputs and are counted once;
 - temp: everything the program allocates itself: activations kept for the backward pass (with

@@ -109,3 +109,50 @@ def test_data_pairs_cli_builds_pairs_from_two_models(run_dir, tmp_path, capsys):
     for row in pairs:
         assert (out / row[PAIR_COLUMNS.image]).is_file()
         assert row["chosen"] != row["rejected"]
+
+
+def test_image_use_is_measured_for_every_model(run_dir):
+    use = json.loads((run_dir / "eval" / "image_use.json").read_text())
+    assert set(use) == {"base", "grpo_zero", "cold_start", "final"}
+    for by_split in use.values():
+        assert set(by_split) == {"id_test", "ood_test"}
+        for v in by_split.values():
+            assert set(v) == {"real", "blank", "nll_real", "nll_blank"}
+            assert 0 <= v["real"] <= 1 and 0 <= v["blank"] <= 1 and v["nll_real"] > 0 and v["nll_blank"] > 0
+    evals = json.loads((run_dir / "eval" / "base.json").read_text())["splits"]
+    assert use["base"]["id_test"]["real"] == evals["id_test"]["accuracy"]  # the evaluation's own greedy accuracy
+    assert "## Image use" in (run_dir / "report.md").read_text()
+
+
+def test_a_base_model_that_ignores_its_images_is_flagged(run_dir, tmp_path):
+    """Zeroed vision features: real and blank images give the same answers and NLL, and the report says the run
+    cannot test the paper's claims."""
+    import shutil
+
+    import jax.numpy as jnp
+
+    from specs_jax.convert.io import load_model, save_model
+    from specs_jax.data.pair_sampling import Policies
+    from specs_jax.pipeline.image_use import blind_base, image_use
+    from specs_jax.pipeline.report import write_report
+    from specs_jax.pipeline.run import _eval_config, _eval_rows
+
+    model = load_model(run_dir / "base" / "model")
+    last = model.model.visual.merger.mlp[2]
+    last.weight[...], last.bias[...] = jnp.zeros_like(last.weight[...]), jnp.zeros_like(last.bias[...])
+    blind = tmp_path / "blind"
+    save_model(model, blind, fmt="hf")
+    shutil.copytree(run_dir / "base" / "model", blind, dirs_exist_ok=True,  # the processor files
+                    ignore=shutil.ignore_patterns("model.safetensors", "config.json"))
+    cfg = load_pipeline_config("configs/specs_tiny.yaml", MICRO)
+    use = image_use(Policies(blind, 80), {"base": blind}, _eval_rows(cfg, run_dir / "data"), _eval_config(cfg),
+                    cfg.system_prompt, 0, 128)
+    for v in use["base"].values():
+        assert v["real"] == v["blank"] and v["nll_real"] == pytest.approx(v["nll_blank"], abs=1e-6)
+    assert "does not read its images" in blind_base(use)
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "eval" / "image_use.json").write_text(json.dumps(use))
+    report = write_report(run).read_text()
+    assert "This run cannot test SPECS" in report and report.count("**untestable**") == 3

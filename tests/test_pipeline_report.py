@@ -64,8 +64,9 @@ def _rl_rows(n=6):
 
 
 def make_run(root: Path, *, acc=None, fmt=None, gf=(0.0, 0.05, 0.12), rbf=True, pairs=True, timings=True,
-             cold_start=True, config=True) -> Path:
-    """Fabricate the artefacts of one run directory. ``acc``/``fmt``: model -> (id, ood)."""
+             cold_start=True, config=True, blank=(0.10, 0.12)) -> Path:
+    """Fabricate the artefacts of one run directory. ``acc``/``fmt``: model -> (id, ood); ``blank``: the base
+    model's (id, ood) greedy accuracy with blank images (``eval/image_use.json``; None: no such file)."""
     acc = {"base": (0.30, 0.20), "grpo_zero": (0.50, 0.40), "cold_start": (0.35, 0.25), "final": (0.70, 0.60),
            **(acc or {})}
     fmt = {"base": (0.10, 0.15), "grpo_zero": (0.80, 0.75), "cold_start": (0.90, 0.85), "final": (0.95, 0.90),
@@ -87,6 +88,10 @@ def make_run(root: Path, *, acc=None, fmt=None, gf=(0.0, 0.05, 0.12), rbf=True, 
             _dump(root / "cold_start" / "gf.json",
                   {"samples_seen": [16 * i for i in range(n)], "acc_id": [0.3 + 0.02 * i for i in range(n)],
                    "acc_ood": [0.2 + 0.01 * i for i in range(n)], "gf": list(gf)})
+    if blank is not None:
+        _dump(root / "eval" / "image_use.json",
+              {"base": {split: {"real": acc["base"][i], "blank": blank[i], "nll_real": 0.41, "nll_blank": 0.52}
+                        for i, split in enumerate(SPLITS)}})
     if rbf:
         _dump(root / "eval" / "rbf.json", {"grpo_zero": {"120": 1.81, "240": 1.85, "480": 1.9},
                                            "final": {"120": 1.77, "240": 1.79, "480": 1.96}})
@@ -115,7 +120,7 @@ def make_run(root: Path, *, acc=None, fmt=None, gf=(0.0, 0.05, 0.12), rbf=True, 
 
 
 def _verdict(text: str, tag: str) -> str:
-    m = re.search(rf"\*\*\({tag}\) [^*]*\*\*: \*\*(holds|does not hold|not available)\*\*", text)
+    m = re.search(rf"\*\*\({tag}\) [^*]*\*\*: \*\*(holds|does not hold|not available|untestable)\*\*", text)
     assert m, f"no verdict line for ({tag})"
     return m.group(1)
 
@@ -191,7 +196,17 @@ def test_write_report(tmp_path):
     assert "````text\n<think>count ``` 0</think>" in text
     assert _verdict(text, "a") == "holds" and _verdict(text, "b") == "holds" and _verdict(text, "c") == "holds"
     assert "GF = 0.120" in text
+    assert "| base | id_test | 0.300 | 0.100 | +0.200 | 0.4100 | 0.5200 |" in text  # image use
+    assert "cannot test SPECS" not in text  # the base gains 0.2 >= 0.15 from its images
     assert "not available" not in text
+
+
+def test_a_base_that_ignores_its_images_makes_the_findings_untestable(tmp_path):
+    run = make_run(tmp_path / "run", blank=(0.25, 0.20))  # ID gain 0.05 < 0.15
+    text = write_report(run).read_text()
+    assert "> **This run cannot test SPECS:** the base model does not read its images" in text
+    assert [_verdict(text, t) for t in "abc"] == ["untestable"] * 3
+    assert "Measured: id_test: accuracy final 0.700 > GRPO-zero 0.500" in text  # the measurement stays
 
 
 def test_findings_flip(tmp_path):
@@ -207,11 +222,13 @@ def test_findings_flip(tmp_path):
 
 
 def test_missing_optional_artefacts(tmp_path):
-    run = make_run(tmp_path / "run", rbf=False, pairs=False, timings=False, cold_start=False, config=False)
+    run = make_run(tmp_path / "run", rbf=False, pairs=False, timings=False, cold_start=False, config=False,
+                   blank=None)
     (run / "eval" / "grpo_zero.json").write_text("{not json")  # unreadable counts as missing
     (run / "grpo_final" / "train" / "metrics.jsonl").write_text("")
     text = write_report(run).read_text()
     assert "RBF (eval/rbf.json): not available" in text
+    assert "Image use (eval/image_use.json): not available" in text
     assert "Pair statistics (pairs/pairs_summary.json): not available" in text
     assert "Timings (timings.json): not available" in text
     assert "GF curve (cold_start/gf.json): not available" in text

@@ -10,6 +10,7 @@ from specs_jax.model.qwen2_5_vl import (KVCache, ModelInputs, Qwen2_5_VLForCondi
 __all__ = [
     "Segments",
     "ConfigError", "ModelConfig", "TextConfig", "VisionConfig", "from_hf_dict", "list_presets", "load_config",
-    "load_preset", "get_rope_index", "image_rows", "row_patches", "vision_layout", "KVCache", "ModelInputs", "Qwen2_5_VLForConditionalGeneration",
+    "load_preset", "get_rope_index", "image_rows", "row_patches", "vision_layout", "KVCache", "ModelInputs",
+    "Qwen2_5_VLForConditionalGeneration",
     "VisionInputs", "prepare_inputs", "row_vision_inputs",
 ]

@@ -107,13 +107,17 @@ class Claim:
     text: str
     holds: bool | None
     detail: str
+    untestable: str | None = None  # why the run cannot test the claim (then no verdict, the measurement stays)
 
     @property
     def verdict(self) -> str:
+        if self.untestable:
+            return "untestable"
         return NA if self.holds is None else ("holds" if self.holds else "does not hold")
 
     def markdown(self, tag: str) -> str:
-        return f"- **({tag}) {self.text}**: **{self.verdict}**. {self.detail}"
+        why = f"Untestable here: {self.untestable}. Measured: " if self.untestable else ""
+        return f"- **({tag}) {self.text}**: **{self.verdict}**. {why}{self.detail}"
 
 
 def _per_split_claim(text: str, new: Mapping[str, float | None], old: Mapping[str, float | None],
@@ -184,16 +188,19 @@ def _by_split(ev: Mapping | None, splits: Sequence[str], key: str) -> dict[str, 
     return {s: eval_metric(ev, s, key) for s in splits}
 
 
-def run_claims(evals: Mapping[str, Mapping | None], splits: Sequence[str], curve: Mapping | None) -> list[Claim]:
+def run_claims(evals: Mapping[str, Mapping | None], splits: Sequence[str], curve: Mapping | None,
+               untestable: str | None = None) -> list[Claim]:
     """Claims (a), (b), (c) of one run from its evaluations (model name -> ``eval/<model>.json``) and its
-    cold-start GF curve."""
-    return [
+    cold-start GF curve; ``untestable``: why the run cannot test them (e.g. a base model that does not read its
+    images, :func:`~specs_jax.pipeline.image_use.blind_base`), which replaces the verdicts."""
+    claims = [
         claim_cold_start_format(_by_split(evals.get("base"), splits, "format_rate") or {},
                                 _by_split(evals.get("cold_start"), splits, "format_rate"), splits),
         claim_final_beats_grpo_zero(_by_split(evals.get("final"), splits, "accuracy"),
                                     _by_split(evals.get("grpo_zero"), splits, "accuracy"), splits),
         claim_gf_positive(curve),
     ]
+    return [dataclasses.replace(c, untestable=untestable) for c in claims]
 
 
 # ---------------------------------------------------------------------------------- ablation

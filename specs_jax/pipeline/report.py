@@ -43,6 +43,7 @@ from specs_jax.pipeline.findings import (
     mean_std,
     run_claims,
 )
+from specs_jax.pipeline.image_use import MIN_ID_GAIN, blind_base
 from specs_jax.training.config import deep_merge
 
 __all__ = ["write_ablation_report", "write_report"]
@@ -397,6 +398,20 @@ def _f(x: Any) -> float | None:
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
 
 
+def _image_use_lines(use: Mapping | None) -> list[str]:
+    """Greedy accuracy and reference-solution NLL with the real vs blank images (``eval/image_use.json``)."""
+    if not use:
+        return [f"Image use (eval/image_use.json): {NA}."]
+    rows = [[model, split, fmt_num(v["real"]), fmt_num(v["blank"]), f"{v['real'] - v['blank']:+.3f}",
+             fmt_num(v["nll_real"], 4), fmt_num(v["nll_blank"], 4)]
+            for model, by_split in use.items() for split, v in by_split.items()]
+    return [_table(["model", "split", "accuracy, real images", "blank images", "real - blank", "solution NLL, real",
+                    "blank"], rows), "",
+            f"Greedy accuracy with the real images and with blank white images of the same size, and the mean "
+            f"per-token NLL of the reference solutions (teacher-forced). A base model whose ID gain is below "
+            f"{MIN_ID_GAIN} answers from the question text, and the findings above are then untestable."]
+
+
 def _rbf_lines(rbf: Mapping | None) -> list[str]:
     if not rbf:
         return [f"RBF (eval/rbf.json): {NA}."]
@@ -453,11 +468,17 @@ def write_report(run_dir: str | Path) -> Path:
            f"Stages: base model SFT -> GRPO-zero -> self-distilled pairs -> cold start "
            f"({KIND_LABELS.get(kind, kind)}) -> final GRPO -> evaluation. Splits: "
            + ", ".join(f"`{s}`" for s in splits) + ".", ""]
+    use = _read_json(run_dir / "eval" / "image_use.json")
+    blind = blind_base(use)
+    if blind:
+        out += [f"> **This run cannot test SPECS:** {blind}. See *Image use* below.", ""]
     out += ["## Findings", ""]
-    out += _guard("Findings", lambda: [c.markdown(t) for t, c in zip("abc", run_claims(evals, splits, curve))]
+    out += _guard("Findings", lambda: [c.markdown(t) for t, c in
+                                       zip("abc", run_claims(evals, splits, curve, untestable=blind))]
                   + ["", "A claim holds only with a strict improvement; each split is checked separately."])
     out += ["", "## Configuration", ""] + _guard("Configuration", lambda: _config_lines(cfg))
     out += ["", "## Evaluation", ""] + _guard("Evaluation", lambda: _eval_lines(evals, splits, plots))
+    out += ["", "## Image use", ""] + _guard("Image use", lambda: _image_use_lines(use))
     out += ["", "## Training curves", ""] + _guard("Training curves", lambda: _curves_lines(run_dir, plots))
     out += ["", "## Generalization Factor (cold start)", ""] + _guard("GF", lambda: _gf_lines(curve, plots))
     out += ["", "## Rollout Branching Factor", ""] + _guard(
@@ -576,6 +597,11 @@ def write_ablation_report(run_dir: str | Path, seeds: Sequence[int], variants: S
                                                                         for v in variants)
            + ". Cells: mean ± sample std (ddof = 1) over the seeds that have the number; `(n=k)` marks a cell "
              "with fewer seeds than the row's count.", ""]
+    blind = [f"seed {s}: {why}" for s in seeds
+             if (why := blind_base(_read_json(run_dir / f"seed{s}" / "eval" / "image_use.json")))]
+    if blind:
+        out += ["> **This ablation cannot test SPECS:** " + "; ".join(blind) + ". Its findings below compare "
+                "models that answer from the question text.", ""]
 
     def findings() -> list[str]:
         if not any(n_final(v) for v in variants):

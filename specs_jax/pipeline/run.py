@@ -32,6 +32,7 @@ import numpy as np
 
 from specs_jax.data.pair_sampling import Policies, sample_pairs
 from specs_jax.pipeline.config import PipelineConfig, stage_config
+from specs_jax.pipeline.image_use import image_use
 from specs_jax.training.logging import write_json_atomic
 
 __all__ = ["run_pipeline"]
@@ -247,6 +248,10 @@ def _eval_stage(cfg: PipelineConfig, seed: int, models: dict[str, Path], eval_ro
             results[name] = json.loads(target.read_text())["splits"]
         rbf = {name: _rbf(cfg, path, train_rows, seed, policies) for name, path in rl_models.items()}
         write_json_atomic(out / "rbf.json", rbf)
+        if not (out / "image_use.json").is_file():
+            use = image_use(policies, models, eval_rows, _eval_config(cfg), cfg.system_prompt, seed,
+                            cfg.base.get("train", {}).get("train", {}).get("max_length", 256), real=results)
+            write_json_atomic(out / "image_use.json", use)
         return {"models": results, "rbf": rbf}
     return run
 
