@@ -35,8 +35,9 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"no model directory for {missing} under {args.run_dir}")
     policies = Policies(args.run_dir / "base" / "model", cfg.eval["max_new_tokens"])
     max_length = cfg.base.get("train", {}).get("train", {}).get("max_length", 256)
-    use = image_use(policies, {m: args.run_dir / m / "model" for m in args.models}, _eval_rows(cfg, args.run_dir / "data"),
-                    _eval_config(cfg), cfg.system_prompt, 0, max_length)
+    models = {m: args.run_dir / m / "model" for m in args.models}
+    use = image_use(policies, models, _eval_rows(cfg, args.run_dir / "data"), _eval_config(cfg), cfg.system_prompt, 0,
+                    max_length)
     print(f"{'model':12} {'split':9} {'acc real':>9} {'acc blank':>9} {'nll real':>9} {'nll blank':>9}")
     for model, by_split in use.items():
         for split, v in by_split.items():

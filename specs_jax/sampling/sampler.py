@@ -183,7 +183,8 @@ class Sampler:
         instead of the model's own; they are read, never copied or resharded. When they are global arrays of a
         multi-process job, every process calls this with its own prompts: the prompts of all processes are
         gathered (in process order), sampled in one program on the global mesh, and each process gets the
-        samples of its own prompts, drawn exactly as one process sampling the whole batch draws them. ``max_tokens``: per-prompt caps
+        samples of its own prompts, drawn exactly as one process sampling the whole batch draws them.
+        ``max_tokens``: per-prompt caps
         on the generated tokens (each in ``[1, max_new_tokens]``; default ``max_new_tokens``)."""
         m = self.config.max_new_tokens
         caps = np.full(len(input_ids), m) if max_tokens is None else np.asarray(max_tokens)

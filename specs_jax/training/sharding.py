@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BATCH_AXES", "DEFAULT_RULES", "MESH_AXES", "batch_spec", "logical_to_spec", "make_mesh", "make_rules",
-    "agree_max", "allgather_arrays", "allgather_json", "allgather_rows", "owns_batch", "check_processes_agree", "initialize_processes", "param_shardings", "process_batch_slice", "tree_shardings_like",
+    "agree_max", "allgather_arrays", "allgather_json", "allgather_rows", "owns_batch", "check_processes_agree",
+    "initialize_processes", "param_shardings", "process_batch_slice", "tree_shardings_like",
 ]
 
 MESH_AXES = ("data", "fsdp", "tensor")
