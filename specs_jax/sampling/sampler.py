@@ -184,8 +184,8 @@ class Sampler:
         multi-process job, every process calls this with its own prompts: the prompts of all processes are
         gathered (in process order), sampled in one program on the global mesh, and each process gets the
         samples of its own prompts, drawn exactly as one process sampling the whole batch draws them.
-        ``max_tokens``: per-prompt caps
-        on the generated tokens (each in ``[1, max_new_tokens]``; default ``max_new_tokens``)."""
+        ``max_tokens``: per-prompt caps on the generated tokens (each in ``[1, max_new_tokens]``; default
+        ``max_new_tokens``)."""
         m = self.config.max_new_tokens
         caps = np.full(len(input_ids), m) if max_tokens is None else np.asarray(max_tokens)
         if caps.shape != (len(input_ids),) or caps.min(initial=1) < 1 or caps.max(initial=1) > m:
