@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     from specs_jax.data.pair_sampling import Policies
     from specs_jax.pipeline.config import load_pipeline_config
     from specs_jax.pipeline.image_use import blind_base, image_use
-    from specs_jax.pipeline.run import _eval_config, _eval_rows
+    from specs_jax.pipeline.run import _eval_rows
 
     config = args.run_dir / "config.json"
     if not config.is_file():
@@ -36,8 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     policies = Policies(args.run_dir / "base" / "model", cfg.eval["max_new_tokens"])
     max_length = cfg.base.get("train", {}).get("train", {}).get("max_length", 256)
     models = {m: args.run_dir / m / "model" for m in args.models}
-    use = image_use(policies, models, _eval_rows(cfg, args.run_dir / "data"), _eval_config(cfg), cfg.system_prompt, 0,
-                    max_length)
+    use = image_use(policies, models, _eval_rows(cfg, args.run_dir / "data"), cfg.system_prompt, max_length)
     print(f"{'model':12} {'split':9} {'acc real':>9} {'acc blank':>9} {'nll real':>9} {'nll blank':>9}")
     for model, by_split in use.items():
         for split, v in by_split.items():

@@ -61,30 +61,35 @@ def solution_nll(model, processor, rows, system_prompt: str | None, max_length: 
     return total / max(count, 1.0)
 
 
-def image_use(policies, models: Mapping[str, Path], eval_rows: Mapping[str, Any], ecfg, system_prompt: str | None,
-              seed: int, max_length: int, real: Mapping[str, Mapping[str, Mapping]] | None = None) -> dict:
-    """``{model: {split: {"real", "blank", "nll_real", "nll_blank"}}}`` for the models ``{name: model dir}`` on the
-    splits ``eval_rows``. ``policies``: the run's :class:`~specs_jax.data.pair_sampling.Policies` (evaluation with
-    its samplers); ``ecfg``: the evaluation settings (only greedy accuracy is read); ``real``: already measured
-    greedy accuracies ``{model: {split: {"accuracy": ...}}}`` to reuse instead of evaluating the real images again."""
-    import dataclasses
+def greedy_accuracy(policies, model_dir: Path, rows, system_prompt: str | None) -> float:
+    """Share of ``rows`` whose greedy response (``policies``' sampler) has the right answer (``R_acc > 0``)."""
+    from specs_jax.rewards import score_batch
 
+    texts, row_ids, _, _ = policies.sample(model_dir, rows, system_prompt, 1, 0.0, 0)
+    answers = [str(rows[i]["answer"]) for i in row_ids]
+    return float((score_batch(texts, answers).accuracy > 0).mean())
+
+
+def image_use(policies, models: Mapping[str, Path], eval_rows: Mapping[str, Any], system_prompt: str | None,
+              max_length: int, real: Mapping[str, Mapping[str, Mapping]] | None = None) -> dict:
+    """``{model: {split: {"real", "blank", "nll_real", "nll_blank"}}}`` for the models ``{name: model dir}`` on the
+    splits ``eval_rows``, with the run's :class:`~specs_jax.data.pair_sampling.Policies` (its samplers).
+    ``real``: greedy accuracies already measured by the evaluation (``{model: {split: {"accuracy": ...}}}``), used
+    instead of decoding the real images again."""
     from specs_jax.convert.io import load_model
 
-    ecfg = dataclasses.replace(ecfg, num_samples=1, ks=[1])  # greedy accuracy; one sample is the least it draws
     blank = {split: blank_rows(rows) for split, rows in eval_rows.items()}
     out: dict[str, dict] = {}
     for name, path in models.items():
-        known = (real or {}).get(name)
-        real_acc = known or policies.evaluate(path, eval_rows, ecfg, system_prompt, seed)["splits"]
-        blank_acc = policies.evaluate(path, blank, ecfg, system_prompt, seed)["splits"]
+        known = (real or {}).get(name) or {}
         model = load_model(path, policies.dtype)
-        out[name] = {split: {"real": float(real_acc[split]["accuracy"]), "blank": float(blank_acc[split]["accuracy"]),
-                             "nll_real": solution_nll(model, policies.processor, eval_rows[split], system_prompt,
-                                                      max_length),
-                             "nll_blank": solution_nll(model, policies.processor, blank[split], system_prompt,
-                                                       max_length)}
-                     for split in eval_rows}
+        out[name] = {}
+        for split, rows in eval_rows.items():
+            acc = known[split]["accuracy"] if split in known else greedy_accuracy(policies, path, rows, system_prompt)
+            out[name][split] = {
+                "real": float(acc), "blank": greedy_accuracy(policies, path, blank[split], system_prompt),
+                "nll_real": solution_nll(model, policies.processor, rows, system_prompt, max_length),
+                "nll_blank": solution_nll(model, policies.processor, blank[split], system_prompt, max_length)}
     return out
 
 

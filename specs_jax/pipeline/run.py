@@ -249,7 +249,7 @@ def _eval_stage(cfg: PipelineConfig, seed: int, models: dict[str, Path], eval_ro
         rbf = {name: _rbf(cfg, path, train_rows, seed, policies) for name, path in rl_models.items()}
         write_json_atomic(out / "rbf.json", rbf)
         if not (out / "image_use.json").is_file():
-            use = image_use(policies, models, eval_rows, _eval_config(cfg), cfg.system_prompt, seed,
+            use = image_use(policies, models, eval_rows, cfg.system_prompt,
                             cfg.base.get("train", {}).get("train", {}).get("max_length", 256), real=results)
             write_json_atomic(out / "image_use.json", use)
         return {"models": results, "rbf": rbf}
