@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "extending.md"
 
@@ -25,6 +27,7 @@ def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600, check=False)
 
 
+@pytest.mark.slow  # about a minute: runs every block of the guide in a fresh process
 def test_python_blocks_run_in_order_from_an_empty_directory(tmp_path):
     ran = []
     for block in blocks("python"):
@@ -42,6 +45,7 @@ def test_python_blocks_run_in_order_from_an_empty_directory(tmp_path):
     assert (tmp_path / "runs" / "simpo" / "metrics.jsonl").is_file()
 
 
+@pytest.mark.slow  # about a minute: trains each plugin kind through the CLI
 def test_command_lines_train_the_plugin_kinds(tmp_path):
     for block in blocks("python"):
         first = block.splitlines()[0]

@@ -101,6 +101,7 @@ def test_all_filtered_step_moves_only_the_counter(world, tmp_path):
     trainer.close()
 
 
+@pytest.mark.slow  # about 40 s; the 1-process and multi-process kill-and-resume tests cover the loop too
 def test_kill_and_resume_is_exact(world, tmp_path):
     def run(out, steps, every):
         trainer, data = _trainer(world, out, f"train.steps={steps}", f"checkpoint.every={every}",
