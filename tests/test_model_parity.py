@@ -74,13 +74,18 @@ def _mixed_batch(side: str):
     return ids, mask, grids
 
 
-@pytest.mark.parametrize("side", ["left", "right"])
-def test_batch_mixing_image_and_text_rows_with_padding(loaded, side):
-    model, hf = loaded
+def _mixed_batch_diff(model, hf, side: str) -> float:
+    """Largest |logit difference| with transformers over the real tokens of :func:`_mixed_batch`."""
     ids, mask, grids = _mixed_batch(side)
     pix = pixels(grids)
     ours = model(ids, attention_mask=mask, pixel_values=pix, image_grid_thw=np.array(grids))
-    diff = max_diff(ours, hf_logits(hf, ids, mask, pix, grids), mask)
+    return max_diff(ours, hf_logits(hf, ids, mask, pix, grids), mask)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_batch_mixing_image_and_text_rows_with_padding(loaded, side):
+    model, hf = loaded
+    diff = _mixed_batch_diff(model, hf, side)
     print(f"mixed batch ({side} padding) max abs diff {diff:.2e}")
     assert diff <= FP32_TOL
 
@@ -191,9 +196,6 @@ def test_attention_backends_match_transformers(hf_model_dir, backend, blocks, si
         monkeypatch.setattr(attention_blockwise, "BLOCK_KV", blocks)
     path, hf = hf_model_dir
     model = specs_jax.load_model(path, attention=backend)
-    ids, mask, grids = _mixed_batch(side)
-    pix = pixels(grids)
-    ours = model(ids, attention_mask=mask, pixel_values=pix, image_grid_thw=np.array(grids))
-    diff = max_diff(ours, hf_logits(hf, ids, mask, pix, grids), mask)
+    diff = _mixed_batch_diff(model, hf, side)
     print(f"attention={backend} blocks={blocks} ({side} padding) max abs diff {diff:.2e}")
     assert diff <= FP32_TOL

@@ -197,7 +197,7 @@ class Sampler:
         own = slice(0, len(input_ids))
         if spans:  # weights of a multi-process job: one rollout of every process's prompts, in process order
             input_ids, attention_mask, pixel_values, image_grid_thw, caps, own = _gather_prompts(
-                input_ids, attention_mask, pixel_values, image_grid_thw, caps)
+                input_ids, attention_mask, pixel_values, image_grid_thw, caps, self.model.config.vision.patch_dim)
         inputs, b = self._pad_batch(input_ids, attention_mask, pixel_values, image_grid_thw)
         bb, t = inputs.input_ids.shape
         slots = self.slots(bb * n, t)  # a function of the shape bucket; checked before any work starts
@@ -280,7 +280,7 @@ def _host(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def _gather_prompts(input_ids, attention_mask, pixel_values, image_grid_thw, caps) -> tuple:
+def _gather_prompts(input_ids, attention_mask, pixel_values, image_grid_thw, caps, patch_dim: int) -> tuple:
     """Every process's prompts (and images, token caps) in process order, and the slice of this process's
     prompts in them. Widths are padded to the longest process's (on the right: the rollout re-pads by the mask)."""
     from specs_jax.training.sharding import agree_max, allgather_rows
@@ -293,7 +293,6 @@ def _gather_prompts(input_ids, attention_mask, pixel_values, image_grid_thw, cap
     counts = allgather_rows(np.array([len(ids)]))
     start = int(counts[:jax.process_index()].sum())
     if images:
-        patch_dim = agree_max(0 if pixel_values is None else np.shape(pixel_values)[1])[0]
         pixel_values = allgather_rows(np.zeros((0, patch_dim), np.float32) if pixel_values is None
                                       else np.asarray(pixel_values, np.float32))
         image_grid_thw = allgather_rows(np.zeros((0, 3), np.int64) if image_grid_thw is None
