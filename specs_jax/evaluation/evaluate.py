@@ -34,7 +34,7 @@ from specs_jax.model import Qwen2_5_VLForConditionalGeneration
 from specs_jax.rewards import score_batch
 from specs_jax.sampling import Sampler, SamplerConfig, SamplingParams
 from specs_jax.training.config import EvalConfig
-from specs_jax.training.sharding import allgather_json, owns_batch
+from specs_jax.training.sharding import allgather_json, owns_batch, spans_processes
 
 GREEDY = SamplingParams(temperature=0.0)
 NUM_EXAMPLES = 8
@@ -158,10 +158,7 @@ def evaluate_split(
 
 def _check_local(sampler: Sampler, weights: dict | None) -> None:
     """Refuse weights that are global arrays of a multi-process job (evaluation shares batches, not programs)."""
-    if jax.process_count() == 1:
-        return
-    state = weights if weights is not None else nnx.state(sampler.model)
-    if not all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(state)):
+    if jax.process_count() > 1 and spans_processes(weights if weights is not None else nnx.state(sampler.model)):
         raise ValueError("evaluation on several processes runs each batch on one process: give it a model loaded on "
                          "each host (specs_jax.convert.io.load_model), not the global arrays of a training job")
 

@@ -24,6 +24,7 @@ from specs_jax.model.positions import row_patches
 from specs_jax.model.qwen2_5_vl import ModelInputs, Qwen2_5_VLForConditionalGeneration, prepare_inputs
 from specs_jax.sampling.engine import GIB, choose_slots, engine_rollout
 from specs_jax.sampling.sample import SamplingParams
+from specs_jax.training.sharding import agree_max, allgather_rows, spans_processes
 
 log = logging.getLogger(__name__)
 
@@ -192,10 +193,8 @@ class Sampler:
             raise ValueError(f"max_tokens must hold one cap in [1, max_new_tokens={m}] per prompt "
                              f"({len(input_ids)}), got {caps.tolist()}")
         state = nnx.state(self.model) if weights is None else nnx.State(weights)
-        spans = jax.process_count() > 1 and not all(getattr(x, "is_fully_addressable", True)
-                                                          for x in jax.tree.leaves(state))
         own = slice(0, len(input_ids))
-        if spans:  # weights of a multi-process job: one rollout of every process's prompts, in process order
+        if spans_processes(state):  # weights of a multi-process job: one rollout of every process's prompts, in process order
             input_ids, attention_mask, pixel_values, image_grid_thw, caps, own = _gather_prompts(
                 input_ids, attention_mask, pixel_values, image_grid_thw, caps, self.model.config.vision.patch_dim)
         inputs, b = self._pad_batch(input_ids, attention_mask, pixel_values, image_grid_thw)
@@ -283,8 +282,6 @@ def _host(x: jax.Array) -> np.ndarray:
 def _gather_prompts(input_ids, attention_mask, pixel_values, image_grid_thw, caps, patch_dim: int) -> tuple:
     """Every process's prompts (and images, token caps) in process order, and the slice of this process's
     prompts in them. Widths are padded to the longest process's (on the right: the rollout re-pads by the mask)."""
-    from specs_jax.training.sharding import agree_max, allgather_rows
-
     ids = np.asarray(input_ids)
     mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
     (width, images) = agree_max(ids.shape[1], pixel_values is not None)

@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BATCH_AXES", "DEFAULT_RULES", "MESH_AXES", "batch_spec", "logical_to_spec", "make_mesh", "make_rules",
-    "agree_max", "allgather_arrays", "allgather_json", "allgather_rows", "owns_batch", "check_processes_agree",
+    "agree_max", "allgather_arrays", "allgather_json", "allgather_rows", "owns_batch", "spans_processes",
+    "check_processes_agree",
     "initialize_processes", "param_shardings", "process_batch_slice", "tree_shardings_like",
 ]
 
@@ -225,6 +226,12 @@ def allgather_json(value: Any) -> list:
     lengths = allgather_rows(np.array([len(raw)], np.int64))
     every = allgather_rows(raw)
     return [json.loads(every[end - n:end].tobytes()) for n, end in zip(lengths, np.cumsum(lengths))]
+
+
+def spans_processes(tree: Any) -> bool:
+    """Whether ``tree`` holds global arrays of a multi-process job (a leaf another process also holds a part of);
+    numpy leaves and one process's own arrays do not."""
+    return jax.process_count() > 1 and not all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(tree))
 
 
 def owns_batch(index: int) -> bool:
