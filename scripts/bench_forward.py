@@ -9,7 +9,10 @@ separately and excluded from the steady-state figure.
 specs-jax runs once per attention backend (``--attention``, default: the XLA dense-mask reference
 and blockwise, plus the machine's default backend if it is another one: splash on TPU, cuDNN on
 GPU). Then the temporary memory of the compiled forward+backward at ``--mem-batch x --mem-seq``
-(default 2 x 2048; compiled only, never run) is printed per backend, from XLA's memory analysis.
+(default 2 x 2048; compiled only, never run) is printed per backend, from XLA's memory analysis: for the
+step as timed, with the trainer's chunked log-probs, with the long-sequence configs' ``model.remat=full``
+(then the saved activations are the layer inputs and one layer's recomputation is what remains, so the
+attention's share shows), and for one layer's attention alone.
 The last line is the speed ratio of the machine's default backend (``model.attention=auto``).
 
     python scripts/bench_forward.py                # default ~60M config, batch 4 x 256
@@ -91,7 +94,7 @@ def bench_jax(path, ids, pixels, grid, iters, attention="auto"):
     import specs_jax
     from specs_jax.model import prepare_inputs
 
-    model = specs_jax.load_model(path, attention=attention)
+    model = specs_jax.load_model(path, attention=attention, remat=remat)
     inputs = prepare_inputs(model.config, ids, None, pixels, grid)
     step = make_step(jax.numpy.asarray(ids[:, 1:]))
 
@@ -103,15 +106,16 @@ def bench_jax(path, ids, pixels, grid, iters, attention="auto"):
     return float(loss), compile_s, time_it(run, iters)
 
 
-def temp_memory(path, ids, pixels, grid, attention, chunked: bool) -> int:
-    """Bytes of XLA temporaries of the compiled forward+backward step (compiled, not run)."""
+def temp_memory(path, ids, pixels, grid, attention, chunked: bool, remat: str = "none") -> int:
+    """Bytes of XLA temporaries of the compiled forward+backward step (compiled, not run); ``remat``: the
+    model's rematerialisation policy of its scanned layers."""
     import jax
     from flax import nnx
 
     import specs_jax
     from specs_jax.model import prepare_inputs
 
-    model = specs_jax.load_model(path, attention=attention)
+    model = specs_jax.load_model(path, attention=attention, remat=remat)
     inputs = prepare_inputs(model.config, ids, None, pixels, grid)
     step = make_step(jax.numpy.asarray(ids[:, 1:]), chunked)
     graphdef, state = nnx.split(model)
@@ -218,6 +222,8 @@ def main() -> None:
                  lambda a: temp_memory(path, m_ids, m_pixels, m_grid, a, chunked=False)),
                 ("model step, trainer's chunked log-probs loss",
                  lambda a: temp_memory(path, m_ids, m_pixels, m_grid, a, chunked=True)),
+                ("model step, chunked log-probs, remat=full (as configs/*_7b.yaml train)",
+                 lambda a: temp_memory(path, m_ids, m_pixels, m_grid, a, chunked=True, remat="full")),
                 ("one decoder layer's attention",
                  lambda a: attention_temp_memory(cfg, args.mem_batch, args.mem_seq, a))):
             temps = {a: measure(a) for a in ("xla", "blockwise")}

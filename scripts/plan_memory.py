@@ -57,11 +57,14 @@ full-batch activations mean XLA partitioned a matmul along the hidden dimension 
 sharded weights) instead of along the batch, so every device computes every row.
 
 The rollout (``--stage grpo``; the same rollout serves opsd and vigos): the RL step's other program,
-planned by :func:`specs_jax.sampling.memory.rollout_memory` from the run config's rollout settings
-(``--config``: ``train.batch_size`` prompts x ``rl.group_size`` samples, prompt bucket ``train.max_length``,
-``rl.max_new_tokens``, ``rl.max_slots`` / ``rl.kv_cache_gib``, ``rl.rollout_mesh``): the trainer's state that
-stays resident, the rollout copy of the weights, the slot KV cache, the prefill cache, the result buffers and the
-larger of the prefill and decode transients (arithmetic, not a compiled program). ``--config`` also sets the
+planned from the run config's rollout settings (``--config``: ``train.batch_size`` prompts x ``rl.group_size``
+samples, prompt bucket ``train.max_length``, ``rl.max_new_tokens``, ``rl.max_slots`` / ``rl.kv_cache_gib``,
+``rl.rollout_mesh``). :func:`specs_jax.sampling.memory.rollout_memory` chooses the layout and the decode slots and
+breaks the memory down by arithmetic (the trainer's state that stays resident, the rollout copy of the weights,
+the slot KV cache, the prefill cache, the result buffers, the larger of the prefill and decode transients);
+then the engine's rollout program itself is compiled on the rollout mesh with those slots
+(:func:`specs_jax.sampling.memory.rollout_program_memory`, with ``--image-patches`` per prompt) and the
+rollout's ``total_gib`` is its compiled peak plus the resident train state. ``--config`` also sets the
 update's batch from the run config (``batch_size x group_size / grad_accum_steps`` rows of ``max_length +
 max_new_tokens`` tokens, ``grad_accum_steps`` micro-batches, dtypes, remat, freeze_vision) unless the flags are
 given. ``--json`` then prints ``{...update plan..., "update": {...}, "rollout": {...}}``, each entry with
@@ -508,15 +511,18 @@ def config_defaults(path: str) -> dict:
 
 def with_rollout_plan(plan: dict, args) -> dict:
     """The update plan with its ``update`` summary, the ``rollout`` plan, and ``fits`` for both."""
+    import jax
     from flax import nnx
 
     from specs_jax.model import Qwen2_5_VLForConditionalGeneration, load_preset
     from specs_jax.sampling.layout import param_bytes as rollout_param_bytes
-    from specs_jax.sampling.memory import rollout_memory
+    from specs_jax.sampling.layout import rollout_mesh
+    from specs_jax.sampling.memory import rollout_memory, rollout_program_memory
     from specs_jax.training.config import RunConfig
 
     run = getattr(args, "run_config", None) or RunConfig()
-    cfg = load_preset(args.preset, dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat)
+    cfg = load_preset(args.preset, dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat,
+                      attention=args.attention)
     model = nnx.eval_shape(lambda: Qwen2_5_VLForConditionalGeneration(cfg, rngs=nnx.Rngs(0)))
     param_bytes = rollout_param_bytes(nnx.state(model, nnx.Param), cfg.dtype)  # the copy in the compute dtype
     resident = sum(plan[f"{k}_bytes"] for k in ("params", "frozen_params", "optimizer_state", "reference_params"))
@@ -525,6 +531,17 @@ def with_rollout_plan(plan: dict, args) -> dict:
         max_new_tokens=run.rl.max_new_tokens, devices=plan["devices"], host_devices=args.host_devices,
         param_bytes=param_bytes, resident_bytes=resident, budget_bytes=int(args.budget_gib * GIB),
         rollout_mesh=run.rl.rollout_mesh, max_slots=run.rl.max_slots, kv_cache_gib=run.rl.kv_cache_gib)
+    t0 = time.perf_counter()
+    program = rollout_program_memory(
+        cfg, rollout_mesh(jax.devices(), rollout["rollout_mesh"]["tensor"]), prompts=run.train.batch_size,
+        group_size=run.rl.group_size, prompt_len=run.train.max_length, max_new_tokens=run.rl.max_new_tokens,
+        slots=rollout["slots"], image_patches=args.image_patches, rules=run.mesh.rules)
+    program["compile_seconds"] = round(time.perf_counter() - t0, 2)
+    budget = int(args.budget_gib * GIB)
+    total = program["peak_bytes"] + resident
+    rollout = {**rollout, "estimate_total_bytes": rollout["total_bytes"], "estimate_total_gib": rollout["total_gib"],
+               "program": program, "total_bytes": total, "total_gib": total / GIB, "fits": total <= budget,
+               "headroom_gib": (budget - total) / GIB}
     update = {k: plan[k] for k in ("peak_bytes", "total_bytes", "total_gib", "fits", "headroom_gib")}
     return {**plan, "update": update, "rollout": rollout, "fits": update["fits"] and rollout["fits"]}
 
@@ -533,9 +550,15 @@ def print_rollout_plan(r: dict, budget_gib: float) -> None:
     mesh = ",".join(f"{k}={v}" for k, v in r["rollout_mesh"].items())
     print(f"rollout: layout {mesh}; {r['slots']} decode slots ({r['slots_per_group']} per data group) for "
           f"{r['samples']} samples of up to {r['slot_tokens']} tokens")
-    print("per device:")
+    print("per device, arithmetic breakdown:")
     for key in ("resident_train_state", "rollout_weights", "kv_cache", "prefill_cache", "outputs", "transients"):
         print(f"  {key.replace('_', ' '):<38}{r[key + '_bytes'] / GIB:10.2f} GiB")
+    print(f"  {'estimate':<38}{r['estimate_total_gib']:10.2f} GiB")
+    prog = r["program"]
+    print(f"per device, the compiled rollout program (compiled in {prog['compile_seconds']:.1f} s):")
+    for key in ("argument", "output", "temp", "peak"):
+        print(f"  {key:<38}{prog[key + '_bytes'] / GIB:10.2f} GiB")
+    print(f"  {'+ resident train state':<38}{r['resident_train_state_bytes'] / GIB:10.2f} GiB")
     verdict = "FITS" if r["fits"] else "DOES NOT FIT"
     print(f"rollout {verdict}: {r['total_gib']:.2f} GiB of the {budget_gib:g} GiB budget per device")
 

@@ -36,7 +36,9 @@ def test_tiny_plan_against_hand_arithmetic():
     assert plan["rollout_mesh"] == {"data": 4, "fsdp": 1, "tensor": 2}
     assert plan["slots"] == 12 and plan["slots_per_group"] == 3  # max_slots, a multiple of the 4 groups
     assert plan["kv_cache_bytes"] == 3 * 256 * per_token // kv_split
-    assert plan["prefill_cache_bytes"] == 8 * 64 * per_token // kv_split  # all 8 prompts on every group
+    assert plan["prefill_cache_bytes"] == 2 * 64 * per_token // kv_split  # each of the 4 groups its 2 prompts
+    odd = rollout_memory(cfg, max_slots=12, **{**kw, "prompts": 6})
+    assert odd["prefill_cache_bytes"] == 6 * 64 * per_token // kv_split  # 4 groups do not divide 6: all on each
     assert plan["rollout_weights_bytes"] == 10**6 // 2
     assert plan["outputs_bytes"] == 32 * 192 * 9
     parts = ("resident_train_state", "rollout_weights", "kv_cache", "prefill_cache", "outputs", "transients")

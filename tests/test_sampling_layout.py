@@ -47,8 +47,8 @@ SCRIPT = textwrap.dedent("""
     path = tempfile.mkdtemp()
     random_hf_model(tiny_config(), seed=3).save_pretrained(path)
     model = specs_jax.load_model(path)
-    ids = np.random.default_rng(0).integers(3, 290, (4, 9))
-    args = dict(n=4, params=SamplingParams(temperature=1.0), seed=2, decode=False, max_tokens=[2, 6, 3, 5])
+    ids = np.random.default_rng(0).integers(3, 290, (8, 9))  # 8 prompts: each of 8 (K=1) or 4 (K=2) groups its own
+    args = dict(n=4, params=SamplingParams(temperature=1.0), seed=2, decode=False, max_tokens=[2, 6, 3, 5, 1, 6, 4, 2])
     ref = Sampler(model, None, SamplerConfig(max_new_tokens=6), eos_ids=[2], pad_id=0).generate_ids(ids, **args)
 
     params = nnx.state(model, nnx.Param)
@@ -58,8 +58,8 @@ SCRIPT = textwrap.dedent("""
     def collective_sizes(weights, mesh):
         inputs, _ = sampler._pad_batch(ids, None, None, None)
         with jax.set_mesh(mesh):
-            text = sampler._jitted.lower(nnx.State(weights), inputs, jax.random.key(0), np.int32(16),
-                                         np.full(16, 6, np.int32), max_new_tokens=6, n=4, slots=8,
+            text = sampler._jitted.lower(nnx.State(weights), inputs, jax.random.key(0), np.int32(32),
+                                         np.full(32, 6, np.int32), max_new_tokens=6, n=4, slots=8,
                                          params=SamplingParams(), top_probs=0).compile().as_text()
         shapes = re.findall(r"= \\w+\\[([\\d,]*)\\][^ ]* (?:all-gather|all-reduce|reduce-scatter|all-to-all)\\(", text)
         return [int(np.prod([int(d) for d in s.split(",") if d])) for s in shapes]
@@ -77,6 +77,15 @@ SCRIPT = textwrap.dedent("""
             out = sampler.generate_ids(ids, weights=weights, **args)
         np.testing.assert_array_equal(out.tokens, ref.tokens)
         np.testing.assert_allclose(out.logps, ref.logps, atol=1e-5)
+
+    # each data group holds the prefill of its own prompts only: per device, 1/8 of all prompts' keys/values
+    from specs_jax.sampling.engine import kv_bytes_per_token
+    from specs_jax.sampling.memory import rollout_program_memory
+    shape = dict(prompts=32, group_size=1, prompt_len=512, max_new_tokens=8, slots=8)
+    split = rollout_program_memory(model.config, rollout_mesh(jax.devices(), 1), **shape)["peak_bytes"]
+    whole = rollout_program_memory(model.config, rollout_mesh(jax.devices()[:1], 1), **shape)["peak_bytes"]
+    prefill_all = 32 * 512 * kv_bytes_per_token(model.config)
+    assert split < whole - 0.75 * prefill_all, (split, whole, prefill_all)
     print("ok")
 """)
 

@@ -2,16 +2,23 @@
 
 One jitted program per shape bucket:
 
-1. **Prefill** every prompt of the (left-padded, bucketed) batch once, one prompt at a time (``lax.map``: the
-   prefill's transients are those of one prompt): its keys/values ``[B, layers, 1, T, K, D]`` and the logits
-   of its last position. The ``n`` samples of a prompt share this prefill.
+Data groups: under a mesh with ``(data, fsdp)`` axes (the rollout mesh, ``G`` groups), group ``k`` owns prompts
+``k * B/G .. (k+1) * B/G - 1``, their samples and the slots ``k * slots/G ..``: it prefills, holds the prefill
+of and decodes only its own prompts, so the prefill cache per device is ``B / G`` prompts and no key/value ever
+moves between groups (when ``G`` does not divide ``B`` or ``slots``, one group holds everything, on every group).
+
+1. **Prefill** every prompt once, embedding included, ``G`` prompts at a time (one per group, ``lax.map`` over
+   ``B / G`` iterations: the prefill's transients are those of one prompt per group): its keys/values
+   ``[B/G, layers, G, T, K, D]`` (group axis sharded) and the logits of its last position. The ``n`` samples
+   of a prompt share this prefill.
 2. **Decode** in ``slots`` rows over a cache ``[layers, slots, T + max_new_tokens, K, D]`` inside one
-   ``lax.while_loop``. Each iteration first **refills** the free slots with the next pending samples (in
-   sample order ``j = prompt * n + sample``): the prompt's prefill keys/values are copied into the slot,
-   its step counter restarts at 0. Then every live slot samples one token and runs it through the decoder,
-   writing its key/value at its own position ``T + step`` (a per-row cache write). A slot whose sample ends
-   (EOS or its token cap) is free again at the next iteration, so the decode batch stays full while
-   samples are pending and the cache holds ``slots`` sequences, not the whole batch.
+   ``lax.while_loop``. Each iteration first **refills** each group's free slots with its next pending samples
+   (in sample order ``j = prompt * n + sample``; under ``shard_map`` over the groups, so on the group's own
+   devices): the prompt's prefill keys/values are copied into the slot, its step counter restarts at 0. Then
+   every live slot samples one token and runs it through the decoder, writing its key/value at its own
+   position ``T + step`` (a per-row cache write). A slot whose sample ends (EOS or its token cap) is free again
+   at the next iteration, so the decode batch stays full while samples are pending and the cache holds
+   ``slots`` sequences, not the whole batch.
 
 With ``slots >= samples`` every sample starts at iteration 0: static batching. Results do not depend on
 ``slots``: sample ``j``'s token at step ``s`` is drawn with the key ``fold(seed, prompt, sample index, s)``
@@ -78,14 +85,21 @@ def choose_slots(cfg: ModelConfig, samples: int, slot_length: int, *, max_slots:
     return slots - slots % multiple if slots >= multiple else max(slots, 1)
 
 
-def constrain_slots(x: jax.Array, axis: int = 0) -> jax.Array:
-    """Pin the slot axis of ``x`` to the ``(data, fsdp)`` axes of the ambient mesh (``jax.set_mesh``; the rollout
-    mesh of :mod:`specs_jax.sampling.layout`), so each data-parallel group decodes its own slots. No-op without
-    such a mesh or when the slot count does not divide evenly."""
+def data_groups() -> int:
+    """Data-parallel groups of the ambient mesh (``jax.set_mesh``; the rollout mesh of
+    :mod:`specs_jax.sampling.layout`): the size of its ``(data, fsdp)`` axes, 1 without such a mesh."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or not {"data", "fsdp"} <= set(mesh.axis_names):
-        return x
-    if x.shape[axis] % (mesh.shape["data"] * mesh.shape["fsdp"]):
+        return 1
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def constrain_slots(x: jax.Array, axis: int = 0) -> jax.Array:
+    """Pin axis ``axis`` of ``x`` (slots, or data groups) to the ``(data, fsdp)`` axes of the ambient mesh, so each
+    data-parallel group holds and decodes its own share. No-op without such a mesh or when the axis does not
+    divide evenly."""
+    groups = data_groups()
+    if groups == 1 or x.shape[axis] % groups:
         return x
     spec = [None] * x.ndim
     spec[axis] = ("data", "fsdp")
@@ -111,19 +125,29 @@ def engine_rollout(model: Qwen2_5_VLForConditionalGeneration, inputs: ModelInput
     b, t = inputs.input_ids.shape
     size, total = t + max_new_tokens, b * n
     lm = model.model.language_model
+    groups = data_groups()
+    g = groups if b % groups == 0 and slots % groups == 0 else 1  # else every group holds every prompt
+    bg, sg = b // g, slots // g  # prompts and slots of a group
 
-    # 1. prefill every prompt once, one prompt at a time (the transients of one prompt): per prompt its
-    #    keys/values [B, layers, 1, T, K, D] and the logits of its last position [B, V]
-    prompt_valid = inputs.attention_mask.astype(bool)
+    # 1. prefill: iteration i embeds and prefills prompt k * bg + i of every group k (a batch of g prompts, one per
+    #    group, on its group): per group its prompts' keys/values [bg, layers, g, T, K, D] and last logits
+    def per_iteration(x, axis):  # batch axis [B] -> [bg, ..., g, ...] with prompt k * bg + i at [i, ..., k, ...]
+        x = jnp.moveaxis(x, axis, 0)
+        x = x.reshape(g, bg, *x.shape[1:]).swapaxes(0, 1)
+        return jnp.moveaxis(x, 1, axis + 1)
 
-    def prefill_one(x):
-        embeds, positions, valid = x
-        segment = valid.astype(jnp.int32)[None]  # real tokens 1, padding 0 (causal attention within them)
-        hidden, kv = lm(embeds[None], positions[:, None], Segments(segment, segment), KVCache.zeros(cfg, 1, t), 0)
-        return kv, model.logits(hidden[0, -1])
+    def prefill_one(x: ModelInputs):
+        x = x._replace(input_ids=constrain_slots(x.input_ids))
+        segment = x.attention_mask.astype(jnp.int32)  # real tokens 1, padding 0 (causal attention within them)
+        hidden, kv = lm(model.embed(x), x.positions, Segments(segment, segment), KVCache.zeros(cfg, g, t), 0)
+        kv = KVCache(constrain_slots(kv.k, 1), constrain_slots(kv.v, 1))
+        return kv, constrain_slots(model.logits(hidden[:, -1]))
 
-    prefill, first_logits = jax.lax.map(prefill_one, (model.embed(inputs), jnp.moveaxis(inputs.positions, 1, 0),
-                                                      prompt_valid))
+    batched = jax.tree.map(lambda x: per_iteration(x, 0), inputs._replace(positions=None))
+    batched = batched._replace(positions=per_iteration(inputs.positions, 1))
+    prefill, first_logits = jax.lax.map(prefill_one, batched)  # [bg, layers, g, T, K, D], [bg, g, V]
+    first_logits = first_logits.swapaxes(0, 1)  # [g, bg, V]
+    prompt_valid = inputs.attention_mask.astype(bool).reshape(g, bg, t)
     next_position = inputs.positions[:, :, -1] + 1  # [3, B]: position of generated token 0
 
     eos = jnp.asarray(eos_ids, jnp.int32)
@@ -133,32 +157,51 @@ def engine_rollout(model: Qwen2_5_VLForConditionalGeneration, inputs: ModelInput
         cache=jax.tree.map(lambda x: constrain_slots(x, 1), KVCache.zeros(cfg, slots, size)),
         key_valid=jnp.zeros((slots, size), bool),
         logits=jnp.zeros((slots, first_logits.shape[-1]), first_logits.dtype),
-        sample=jnp.full((slots,), -1, jnp.int32), step=jnp.zeros((slots,), jnp.int32), next=jnp.int32(0),
+        sample=jnp.full((slots,), -1, jnp.int32), step=jnp.zeros((slots,), jnp.int32),
+        next=jnp.zeros((g,), jnp.int32),  # per group: its next pending sample (local index)
         tokens=jnp.full((total, max_new_tokens), pad_id, jnp.int32),
         logps=jnp.zeros((total, max_new_tokens), jnp.float32), mask=jnp.zeros((total, max_new_tokens), bool),
         top=jnp.zeros((total, max_new_tokens, top_probs), jnp.float32) if top_probs else None)
+    # group k's samples are the global samples k * bg * n + local (its prompts' samples, in order)
+    real = jnp.clip(samples - jnp.arange(g) * bg * n, 0, bg * n)  # [g] real samples of each group
 
-    def refill(s):
-        """Free slots take the next pending samples: the prompt's prefill goes into the slot."""
-        free = s["sample"] < 0
-        count = jnp.minimum(free.sum(), samples - s["next"])
-        order = jnp.nonzero(free, size=slots, fill_value=0)[0]
+    def refill_group(cache, key_valid, logits, sample, step, nxt, pre, pre_logits, valid, real):
+        """One group's free slots take its next pending samples (the prompt's prefill goes into the slot). One
+        group's views: ``cache [layers, sg, S, K, D]``, slot arrays ``[sg, ...]``, its prefill
+        ``[bg, layers, 1, T, K, D]``, ``pre_logits [1, bg, V]``, ``valid [1, bg, T]``, ``nxt, real [1]``."""
+        free = sample < 0
+        count = jnp.minimum(free.sum(), real[0] - nxt[0])
+        order = jnp.nonzero(free, size=sg, fill_value=0)[0]
+        first = jax.lax.axis_index(("data", "fsdp")) * bg * n if g > 1 else 0  # the group's first global sample
 
-        def one(k, st):
-            slot, j = order[k], st["next"] + k
+        def one(i, st):
+            cache, key_valid, logits, sample, step = st
+            slot, j = order[i], nxt[0] + i
             p = j // n
             put = lambda dst, src: jax.lax.dynamic_update_slice_in_dim(dst, src[p], slot, axis=1)
-            cache = KVCache(put(st["cache"].k, prefill.k), put(st["cache"].v, prefill.v))
-            valid = jnp.zeros((size,), bool).at[:t].set(prompt_valid[p])
-            return dict(st, cache=cache, key_valid=st["key_valid"].at[slot].set(valid),
-                        logits=st["logits"].at[slot].set(first_logits[p]), sample=st["sample"].at[slot].set(j),
-                        step=st["step"].at[slot].set(0))
+            return (KVCache(put(cache.k, pre.k), put(cache.v, pre.v)),
+                    key_valid.at[slot].set(jnp.zeros((size,), bool).at[:t].set(valid[0, p])),
+                    logits.at[slot].set(pre_logits[0, p]), sample.at[slot].set(first + j), step.at[slot].set(0))
 
-        s = jax.lax.fori_loop(0, count, one, s)
-        return dict(s, next=s["next"] + count)
+        out = jax.lax.fori_loop(0, count, one, (cache, key_valid, logits, sample, step))
+        return (*out, nxt + count)
+
+    if g > 1:  # each group refills its own slots from its own prompts, on its own devices (no collective)
+        spec = lambda axis: PartitionSpec(*[None] * axis, ("data", "fsdp"))
+        cache_spec = KVCache(spec(1), spec(1))
+        refill_group = jax.shard_map(
+            refill_group, axis_names={"data", "fsdp"}, check_vma=False,
+            in_specs=(cache_spec, spec(0), spec(0), spec(0), spec(0), spec(0), KVCache(spec(2), spec(2)), spec(0),
+                      spec(0), spec(0)),
+            out_specs=(cache_spec, spec(0), spec(0), spec(0), spec(0), spec(0)))
+
+    def refill(s):
+        *out, nxt = refill_group(s["cache"], s["key_valid"], s["logits"], s["sample"], s["step"], s["next"], prefill,
+                                 first_logits, prompt_valid, real)
+        return dict(s, **dict(zip(("cache", "key_valid", "logits", "sample", "step"), out)), next=nxt)
 
     def cond(s):
-        return jnp.any(s["sample"] >= 0) | (s["next"] < samples)
+        return jnp.any(s["sample"] >= 0) | jnp.any(s["next"] < real)
 
     def body(s):
         s = refill(s)

@@ -1,5 +1,7 @@
-"""Per-device memory of an RL rollout on the rollout layout (for ``scripts/plan_memory.py``): pure arithmetic on
-the model config and the run's rollout settings, no arrays.
+"""Per-device memory of an RL rollout on the rollout layout (for ``scripts/plan_memory.py``), two ways:
+:func:`rollout_memory`, arithmetic on the model config and the run's rollout settings (the breakdown, and the slot
+count), and :func:`rollout_program_memory`, XLA's memory analysis of the engine's rollout program compiled for
+abstract inputs of those shapes on the rollout mesh (the figure to trust: it holds every buffer XLA allocates).
 
 During the rollout a device holds (``G = devices / K`` data-parallel groups of ``K`` tensor-parallel devices,
 :mod:`specs_jax.sampling.layout`; ``k = K`` when it divides the KV heads, else 1):
@@ -9,8 +11,8 @@ During the rollout a device holds (``G = devices / K`` data-parallel groups of `
 - the slot KV cache: ``ceil(slots / G) * (T + M) * kv_bytes_per_token / k`` (``T`` prompt bucket, ``M``
   max_new_tokens), slots from :func:`specs_jax.sampling.engine.choose_slots` with the run's ``rl.max_slots`` /
   ``rl.kv_cache_gib`` (default: half of what the device has left, as ``default_kv_cache_gib`` at run time);
-- the prefill cache of all ``B`` prompts (the engine keeps it whole on every data group, so that a slot of any
-  group can take any prompt's sample): ``B * T * kv_bytes_per_token / k``;
+- the prefill cache of the group's prompts (each data group prefills and decodes its own ``B / G`` prompts; all
+  ``B`` when ``G`` does not divide them): ``B / G * T * kv_bytes_per_token / k``;
 - the result buffers ``B * n * M`` tokens (int32 token, f32 log-prob, bool mask), replicated;
 - the larger of the prefill's transients (one prompt at a time: f32 attention scores ``heads / K * T * T * 4``
   plus one layer's activations ``T * (2 * intermediate / K + 4 * hidden) * itemsize``) and the decode step's
@@ -25,8 +27,9 @@ import math
 import numpy as np
 
 from specs_jax.model.config import ModelConfig
-from specs_jax.sampling.engine import GIB, choose_slots, kv_bytes_per_token
-from specs_jax.sampling.layout import parse_rollout_mesh, rollout_tensor_size
+from specs_jax.sampling.engine import GIB, choose_slots, engine_rollout, kv_bytes_per_token
+from specs_jax.sampling.layout import parse_rollout_mesh, rollout_shardings, rollout_tensor_size
+from specs_jax.sampling.sample import SamplingParams
 
 
 def rollout_memory(cfg: ModelConfig, *, prompts: int, group_size: int, prompt_len: int, max_new_tokens: int,
@@ -54,7 +57,7 @@ def rollout_memory(cfg: ModelConfig, *, prompts: int, group_size: int, prompt_le
     parts = {
         "resident_train_state": resident_bytes,
         "rollout_weights": param_bytes // tensor,
-        "prefill_cache": prompts * prompt_len * per_token // kv_split,
+        "prefill_cache": (prompts // groups if prompts % groups == 0 else prompts) * prompt_len * per_token // kv_split,
         "outputs": samples * max_new_tokens * (4 + 4 + 1),
     }
     prefill = ((t.num_attention_heads // head_split) * prompt_len**2 * 4
@@ -79,3 +82,53 @@ def rollout_memory(cfg: ModelConfig, *, prompts: int, group_size: int, prompt_le
         "total_bytes": total, "total_gib": total / GIB, "fits": total <= budget_bytes,
         "headroom_gib": (budget_bytes - total) / GIB,
     }
+
+
+def rollout_program_memory(cfg: ModelConfig, mesh, *, prompts: int, group_size: int, prompt_len: int,
+                           max_new_tokens: int, slots: int, image_patches: int = 0, rules: dict | None = None) -> dict:
+    """XLA's per-device memory of the engine's rollout program (:func:`specs_jax.sampling.engine.engine_rollout`,
+    as the sampler jits it) for ``prompts`` prompts of ``prompt_len`` tokens (each with ``image_patches`` patches of
+    images, 0: text only), ``group_size`` samples each, ``slots`` decode slots, on ``mesh`` (the rollout layout:
+    the weights in the compute dtype with :func:`~specs_jax.sampling.layout.rollout_shardings`, the prompts
+    replicated). Compiled for abstract arrays, never run. Returns bytes of arguments, outputs, temporaries and
+    their peak ``argument + output - alias + temp``."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from specs_jax.model.qwen2_5_vl import ModelInputs, Qwen2_5_VLForConditionalGeneration, VisionInputs
+    from specs_jax.training.sharding import make_rules
+
+    model = nnx.eval_shape(lambda: Qwen2_5_VLForConditionalGeneration(cfg, rngs=nnx.Rngs(0)))
+    graphdef = nnx.graphdef(model)
+    weights = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, jnp.dtype(cfg.dtype), sharding=s),
+                           nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+                           rollout_shardings(model, mesh, make_rules(rules)))
+    rep = NamedSharding(mesh, PartitionSpec())
+    sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=rep)
+    b, t, p = prompts, prompt_len, image_patches
+    vision = None
+    if p:
+        merge2 = cfg.vision.spatial_merge_size**2
+        i32 = jnp.int32
+        vision = VisionInputs(sds((b, p, cfg.vision.patch_dim), jnp.float32), sds((b, p), i32), sds((b, p, 2), i32),
+                              sds((b, p), i32), sds((b, p), i32), sds((b, p // merge2), i32))
+    inputs = ModelInputs(sds((b, t), jnp.int32), sds((3, b, t), jnp.int32), sds((b, t), jnp.bool_), vision)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    samples = b * group_size
+
+    def run(state, inputs, key, limits):
+        return engine_rollout(nnx.merge(graphdef, nnx.State(state)), inputs, key, samples=jnp.int32(samples),
+                              limits=limits, n=group_size, slots=slots, max_new_tokens=max_new_tokens,
+                              params=SamplingParams(), eos_ids=(0,), pad_id=0)
+
+    with jax.set_mesh(mesh):
+        compiled = jax.jit(run).lower(weights, inputs, key, sds((samples,), jnp.int32)).compile()
+    mem = compiled.memory_analysis()
+    if mem is None:
+        raise RuntimeError("this jax backend gives no memory_analysis() of compiled programs")
+    out = {"argument_bytes": int(mem.argument_size_in_bytes), "output_bytes": int(mem.output_size_in_bytes),
+           "alias_bytes": int(mem.alias_size_in_bytes), "temp_bytes": int(mem.temp_size_in_bytes)}
+    out["peak_bytes"] = out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
+    return out
