@@ -94,7 +94,7 @@ def bench_jax(path, ids, pixels, grid, iters, attention="auto"):
     import specs_jax
     from specs_jax.model import prepare_inputs
 
-    model = specs_jax.load_model(path, attention=attention, remat=remat)
+    model = specs_jax.load_model(path, attention=attention)
     inputs = prepare_inputs(model.config, ids, None, pixels, grid)
     step = make_step(jax.numpy.asarray(ids[:, 1:]))
 
