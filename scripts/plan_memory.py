@@ -475,8 +475,9 @@ def print_plan(p: dict) -> None:
         print(f"  {name:<38}{g(n)}")
     if p["generated_code_bytes"]:
         print(f"  {'(generated code)':<38}{g(p['generated_code_bytes'])}")
-    verdict = "FITS" if p["fits"] else "DOES NOT FIT"
-    sign = "headroom" if p["fits"] else "over by"
+    fits = p["total_bytes"] <= p["budget_gib"] * GIB  # this program's verdict (``p["fits"]`` also holds the rollout's)
+    verdict = "FITS" if fits else "DOES NOT FIT"
+    sign = "headroom" if fits else "over by"
     print(f"{verdict}: {p['total_gib']:.2f} GiB of the {p['budget_gib']:g} GiB budget per device "
           f"({sign} {abs(p['headroom_gib']):.2f} GiB)")
 
@@ -517,7 +518,7 @@ def with_rollout_plan(plan: dict, args) -> dict:
     from specs_jax.model import Qwen2_5_VLForConditionalGeneration, load_preset
     from specs_jax.sampling.layout import param_bytes as rollout_param_bytes
     from specs_jax.sampling.layout import rollout_mesh
-    from specs_jax.sampling.memory import rollout_memory, rollout_program_memory
+    from specs_jax.sampling.memory import fit_slots, rollout_memory
     from specs_jax.training.config import RunConfig
 
     run = getattr(args, "run_config", None) or RunConfig()
@@ -531,17 +532,25 @@ def with_rollout_plan(plan: dict, args) -> dict:
         max_new_tokens=run.rl.max_new_tokens, devices=plan["devices"], host_devices=args.host_devices,
         param_bytes=param_bytes, resident_bytes=resident, budget_bytes=int(args.budget_gib * GIB),
         rollout_mesh=run.rl.rollout_mesh, max_slots=run.rl.max_slots, kv_cache_gib=run.rl.kv_cache_gib)
-    t0 = time.perf_counter()
-    program = rollout_program_memory(
-        cfg, rollout_mesh(jax.devices(), rollout["rollout_mesh"]["tensor"]), prompts=run.train.batch_size,
-        group_size=run.rl.group_size, prompt_len=run.train.max_length, max_new_tokens=run.rl.max_new_tokens,
-        slots=rollout["slots"], image_patches=args.image_patches, rules=run.mesh.rules)
-    program["compile_seconds"] = round(time.perf_counter() - t0, 2)
     budget = int(args.budget_gib * GIB)
+    t0 = time.perf_counter()
+    slots, program = fit_slots(
+        cfg, rollout_mesh(jax.devices(), rollout["rollout_mesh"]["tensor"]), most=rollout["slots"], budget_bytes=budget,
+        resident_bytes=resident, prompts=run.train.batch_size, group_size=run.rl.group_size,
+        prompt_len=run.train.max_length, max_new_tokens=run.rl.max_new_tokens, image_patches=args.image_patches,
+        rules=run.mesh.rules)
+    program["compile_seconds"] = round(time.perf_counter() - t0, 2)
+    arithmetic_slots = rollout["slots"]
+    if slots != arithmetic_slots:  # the breakdown of the slots the compiled program fits with
+        rollout = rollout_memory(
+            cfg, prompts=run.train.batch_size, group_size=run.rl.group_size, prompt_len=run.train.max_length,
+            max_new_tokens=run.rl.max_new_tokens, devices=plan["devices"], host_devices=args.host_devices,
+            param_bytes=param_bytes, resident_bytes=resident, budget_bytes=budget,
+            rollout_mesh=rollout["rollout_mesh"]["tensor"], max_slots=slots)
     total = program["peak_bytes"] + resident
-    rollout = {**rollout, "estimate_total_bytes": rollout["total_bytes"], "estimate_total_gib": rollout["total_gib"],
-               "program": program, "total_bytes": total, "total_gib": total / GIB, "fits": total <= budget,
-               "headroom_gib": (budget - total) / GIB}
+    rollout = {**rollout, "arithmetic_slots": arithmetic_slots, "estimate_total_bytes": rollout["total_bytes"],
+               "estimate_total_gib": rollout["total_gib"], "program": program, "total_bytes": total,
+               "total_gib": total / GIB, "fits": total <= budget, "headroom_gib": (budget - total) / GIB}
     update = {k: plan[k] for k in ("peak_bytes", "total_bytes", "total_gib", "fits", "headroom_gib")}
     return {**plan, "update": update, "rollout": rollout, "fits": update["fits"] and rollout["fits"]}
 
@@ -550,12 +559,17 @@ def print_rollout_plan(r: dict, budget_gib: float) -> None:
     mesh = ",".join(f"{k}={v}" for k, v in r["rollout_mesh"].items())
     print(f"rollout: layout {mesh}; {r['slots']} decode slots ({r['slots_per_group']} per data group) for "
           f"{r['samples']} samples of up to {r['slot_tokens']} tokens")
+    if r["slots"] != r["arithmetic_slots"]:
+        print(f"  the KV budget's default ({r['arithmetic_slots']} slots) does not fit once compiled: "
+              f"set rl.max_slots={r['slots']}")
     print("per device, arithmetic breakdown:")
     for key in ("resident_train_state", "rollout_weights", "kv_cache", "prefill_cache", "outputs", "transients"):
         print(f"  {key.replace('_', ' '):<38}{r[key + '_bytes'] / GIB:10.2f} GiB")
     print(f"  {'estimate':<38}{r['estimate_total_gib']:10.2f} GiB")
     prog = r["program"]
-    print(f"per device, the compiled rollout program (compiled in {prog['compile_seconds']:.1f} s):")
+    print(f"per device, the compiled rollout program (slots fitted in {prog['compile_seconds']:.1f} s of compiles; "
+          "the XLA CPU backend runs bf16 as f32, with f32 copies of the weights and KV-cache updates, so this is "
+          "an upper bound):")
     for key in ("argument", "output", "temp", "peak"):
         print(f"  {key:<38}{prog[key + '_bytes'] / GIB:10.2f} GiB")
     print(f"  {'+ resident train state':<38}{r['resident_train_state_bytes'] / GIB:10.2f} GiB")

@@ -87,3 +87,20 @@ def test_script_prints_update_and_rollout_and_exits_on_both(tmp_path):
     assert out.returncode == 3, out.stderr[-3000:]
     assert not json.loads(out.stdout.strip().splitlines()[-1])["fits"]
     assert math.isfinite(plan["rollout"]["headroom_gib"])
+
+
+def test_fit_slots_keeps_the_most_slots_whose_compiled_rollout_fits():
+    from specs_jax.sampling.layout import rollout_mesh
+    from specs_jax.sampling.memory import fit_slots, rollout_program_memory
+
+    cfg = load_preset("tiny", dtype="float32")
+    mesh = rollout_mesh(jax.devices()[:1], 1)
+    shape = dict(prompts=4, group_size=2, prompt_len=32, max_new_tokens=96)
+    peak = {s: rollout_program_memory(cfg, mesh, slots=s, **shape)["peak_bytes"] for s in (5, 6)}
+    assert peak[5] < peak[6]  # every slot holds its cache and logits
+    budget = (peak[5] + peak[6]) // 2 + 1000
+    slots, program = fit_slots(cfg, mesh, most=8, budget_bytes=budget, resident_bytes=1000, **shape)
+    assert slots == 5 and program["peak_bytes"] == peak[5]
+    # everything fits: the most asked for; nothing fits: the most asked for too (reported as not fitting)
+    assert fit_slots(cfg, mesh, most=8, budget_bytes=2**40, resident_bytes=0, **shape)[0] == 8
+    assert fit_slots(cfg, mesh, most=8, budget_bytes=1, resident_bytes=0, **shape)[0] == 8

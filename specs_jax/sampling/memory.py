@@ -132,3 +132,27 @@ def rollout_program_memory(cfg: ModelConfig, mesh, *, prompts: int, group_size: 
            "alias_bytes": int(mem.alias_size_in_bytes), "temp_bytes": int(mem.temp_size_in_bytes)}
     out["peak_bytes"] = out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
     return out
+
+
+def fit_slots(cfg: ModelConfig, mesh, *, most: int, budget_bytes: int, resident_bytes: int, **shape) -> tuple[int, dict]:
+    """The most decode slots, a multiple of the mesh's data groups and at most ``most``, whose compiled rollout
+    program (:func:`rollout_program_memory` with ``shape``) fits ``budget_bytes`` beside ``resident_bytes``
+    (bisection over the slots per group), and that program's memory. ``most`` itself when even one slot per group
+    does not fit (the caller reports that it does not fit)."""
+    groups = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+    memo: dict[int, dict] = {}
+
+    def program(per_group: int) -> dict:
+        if per_group not in memo:
+            memo[per_group] = rollout_program_memory(cfg, mesh, slots=per_group * groups, **shape)
+        return memo[per_group]
+
+    fits = lambda per_group: program(per_group)["peak_bytes"] + resident_bytes <= budget_bytes
+    hi = max(most // groups, 1)
+    if fits(hi) or not fits(1):
+        return hi * groups if most >= groups else most, program(hi)
+    lo = 1  # fits(lo) and not fits(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo * groups, program(lo)
