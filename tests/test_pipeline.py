@@ -155,3 +155,43 @@ def test_a_base_model_that_ignores_its_images_is_flagged(run_dir, tmp_path):
     (run / "eval" / "image_use.json").write_text(json.dumps(use))
     report = write_report(run).read_text()
     assert "This run cannot test SPECS" in report and report.count("**untestable**") == 3
+
+
+def test_a_prebuilt_base_is_used_only_when_built_from_the_same_data_and_settings(run_dir, tmp_path, capsys):
+    import shutil
+
+    from specs_jax.pipeline.base_model import BUILD_FILE, file_sha256, prebuilt_mismatch
+    from specs_jax.pipeline.run import prepare_shared
+
+    shipped = run_dir / "base" / "model"  # every trained base records what it was built from
+    build = json.loads((shipped / BUILD_FILE).read_text())
+    assert build["sha256"]["model.safetensors"] == file_sha256(shipped / "model.safetensors")
+    cfg = load_pipeline_config("configs/specs_tiny.yaml", [*MICRO, f"base.prebuilt={shipped}"])
+    _, base = prepare_shared(cfg, tmp_path / "a")
+    assert "the prebuilt base model" in capsys.readouterr().out
+    assert (base / "model.safetensors").read_bytes() == (shipped / "model.safetensors").read_bytes()
+    assert json.loads((tmp_path / "a" / "base" / "DONE.json").read_text())["prebuilt"] == str(shipped)
+    assert not (tmp_path / "a" / "base" / "train").exists()  # nothing was trained
+    # other settings, other data, a changed file: each named, and the base is trained instead
+    assert "differ in base" in prebuilt_mismatch(shipped, {**build["key"], "base": {"vocab_size": 1}})
+    assert "differ in train_rows" in prebuilt_mismatch(shipped, {**build["key"], "train_rows": "0"})
+    copy = tmp_path / "copy"
+    shutil.copytree(shipped, copy)
+    (copy / "config.json").write_text((copy / "config.json").read_text() + " ")
+    assert "config.json does not match its checksum" in prebuilt_mismatch(copy, build["key"])
+    assert "has no build.json" in prebuilt_mismatch(tmp_path, build["key"])
+
+
+def test_build_base_replaces_the_shipped_directory_only_when_complete(tmp_path):
+    from specs_jax.pipeline import build_base
+    from specs_jax.pipeline.base_model import prebuilt_mismatch
+
+    dest = tmp_path / "shipped"
+    dest.mkdir()
+    (dest / "old.txt").write_text("the previous base")
+    cfg = load_pipeline_config("configs/specs_tiny.yaml", [*MICRO, "base.train.train.steps=2"])
+    summary = build_base(cfg, dest)
+    assert summary["steps"] == 2 and not (dest / "old.txt").exists()
+    build = json.loads((dest / "build.json").read_text())
+    assert prebuilt_mismatch(dest, build["key"]) is None and (dest / "model.safetensors").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["shipped"]  # no scratch left behind

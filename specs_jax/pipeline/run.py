@@ -35,7 +35,7 @@ from specs_jax.pipeline.config import PipelineConfig, stage_config
 from specs_jax.pipeline.image_use import image_use
 from specs_jax.training.logging import write_json_atomic
 
-__all__ = ["run_pipeline"]
+__all__ = ["build_base", "run_pipeline"]
 
 EVAL_SPLITS = ("id_test", "ood_test")
 
@@ -119,10 +119,29 @@ def _base_stage(cfg: PipelineConfig, seed: int, data: Path) -> Callable[[Path], 
         from specs_jax.data.pipeline import load_rows
         from specs_jax.data.tokenizer import ProcessorConfig, build_processor, model_token_fields
         from specs_jax.model import Qwen2_5_VLForConditionalGeneration, from_hf_dict, load_preset
-        from specs_jax.pipeline.base_model import BaseModelConfig, formatted_response, sft_rows
+        from specs_jax.pipeline.base_model import (
+            BUILD_FILE,
+            BaseModelConfig,
+            build_key,
+            file_sha256,
+            formatted_response,
+            prebuilt_dir,
+            prebuilt_mismatch,
+            rows_digest,
+            sft_rows,
+        )
 
         base = BaseModelConfig(**cfg.base)
         rows = load_rows(data / "train.parquet")
+        key = build_key(cfg.base, cfg.system_prompt, cfg.common, rows_digest(rows), seed)
+        if base.prebuilt and not base.rebuild:
+            source = prebuilt_dir(base.prebuilt)
+            why = prebuilt_mismatch(source, key)
+            if why is None:
+                shutil.copytree(source, out / "model", dirs_exist_ok=True)
+                print(f"[{out.parent.name}] base: the prebuilt base model {source} (base.rebuild=true trains it)")
+                return {**json.loads((source / BUILD_FILE).read_text())["summary"], "prebuilt": str(source)}
+            print(f"[{out.parent.name}] base: not using the prebuilt base model: {why}; training it")
         targets, formatted = sft_rows(rows["solution"], base.format_fraction, seed)
         # the system prompt and the chat roles open every prompt: repeated so the BPE learns them as few tokens
         corpus = [*rows["question"], *rows["solution"], *map(formatted_response, rows["solution"][:64]),
@@ -140,8 +159,12 @@ def _base_stage(cfg: PipelineConfig, seed: int, data: Path) -> Callable[[Path], 
         model = Qwen2_5_VLForConditionalGeneration(model_cfg, rngs=nnx.Rngs(seed))
         summary = _train("sft", rcfg, processor, sft_path, out, cfg.system_prompt, model=model)
         n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-        return {**summary, "parameters": int(n), "vocab_size": model_cfg.text.vocab_size,
-                "sft_rows": len(targets), "sft_formatted_share": float(formatted.mean())}
+        summary = {**summary, "parameters": int(n), "vocab_size": model_cfg.text.vocab_size,
+                   "sft_rows": len(targets), "sft_formatted_share": float(formatted.mean())}
+        files = sorted(f.name for f in (out / "model").iterdir() if f.is_file() and f.name != BUILD_FILE)
+        write_json_atomic(out / "model" / BUILD_FILE, {
+            "key": key, "summary": summary, "sha256": {f: file_sha256(out / "model" / f) for f in files}})
+        return summary
     return run
 
 
@@ -280,6 +303,23 @@ def prepare_shared(cfg: PipelineConfig, root: Path) -> tuple[Path, Path]:
     _stage(root, "data", _data_stage(cfg, cfg.seed), timings)
     _stage(root, "base", _base_stage(cfg, cfg.seed, root / "data"), timings)
     return root / "data", root / "base" / "model"
+
+
+def build_base(cfg: PipelineConfig, dest: Path) -> dict:
+    """Train the base model of ``cfg`` (data and base stages in a scratch directory, ``base.rebuild``) and put it at
+    ``dest`` with its ``build.json`` (the directory ``base.prebuilt`` names), replacing what was there only once
+    the new one is complete. Returns the base stage's summary."""
+    dest = Path(dest)
+    cfg = dataclasses.replace(cfg, base={**cfg.base, "rebuild": True})
+    with tempfile.TemporaryDirectory(dir=dest.parent) as scratch:
+        _, model = prepare_shared(cfg, Path(scratch))
+        staged = Path(scratch) / "staged"
+        shutil.copytree(model, staged)
+        old = Path(scratch) / "old"
+        if dest.exists():
+            dest.rename(old)
+        staged.rename(dest)
+    return json.loads((dest / "build.json").read_text())["summary"]
 
 
 def run_seed(cfg: PipelineConfig, root: Path, seed: int, data: Path, base: Path) -> dict:
