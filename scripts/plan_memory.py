@@ -548,6 +548,11 @@ def with_rollout_plan(plan: dict, args) -> dict:
             param_bytes=param_bytes, resident_bytes=resident, budget_bytes=budget,
             rollout_mesh=rollout["rollout_mesh"]["tensor"], max_slots=slots)
     total = program["peak_bytes"] + resident
+    # the XLA CPU backend computes bf16 dots in f32 and hoists f32 copies of the loop-invariant weights out of the
+    # decode loop: about twice the rollout weights that bf16 hardware (TPU/GPU) does not allocate
+    program["cpu_f32_weight_copies_bytes"] = 2 * rollout["rollout_weights_bytes"] if cfg.dtype in (
+        "bfloat16", "float16") else 0
+    program["bf16_hardware_estimate_gib"] = (total - program["cpu_f32_weight_copies_bytes"]) / GIB
     rollout = {**rollout, "arithmetic_slots": arithmetic_slots, "estimate_total_bytes": rollout["total_bytes"],
                "estimate_total_gib": rollout["total_gib"], "program": program, "total_bytes": total,
                "total_gib": total / GIB, "fits": total <= budget, "headroom_gib": (budget - total) / GIB}
@@ -573,6 +578,10 @@ def print_rollout_plan(r: dict, budget_gib: float) -> None:
     for key in ("argument", "output", "temp", "peak"):
         print(f"  {key:<38}{prog[key + '_bytes'] / GIB:10.2f} GiB")
     print(f"  {'+ resident train state':<38}{r['resident_train_state_bytes'] / GIB:10.2f} GiB")
+    if prog["cpu_f32_weight_copies_bytes"]:
+        print(f"  of which f32 copies of the bf16 weights that only the CPU backend makes (~2 x rollout weights): "
+              f"{prog['cpu_f32_weight_copies_bytes'] / GIB:.2f} GiB; on bf16 hardware about "
+              f"{prog['bf16_hardware_estimate_gib']:.2f} GiB")
     verdict = "FITS" if r["fits"] else "DOES NOT FIT"
     print(f"rollout {verdict}: {r['total_gib']:.2f} GiB of the {budget_gib:g} GiB budget per device")
 

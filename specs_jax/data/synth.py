@@ -4,7 +4,7 @@ Every record is a small rendered image (white background, ``SynthConfig.size`` p
 default 84) with a question whose answer is re-derivable from the record's metadata and, for
 shapes and charts, from the pixels themselves. Three scenes:
 
-- ``shapes``: flat-coloured circles, squares and triangles, one per cell of a 6x6 grid (cells
+- ``shapes``: flat-coloured circles, squares and triangles, one per cell of a 4x4 grid (cells
   drawn without replacement, a random size and offset inside the cell, at least one blank pixel
   on every side), so no two shapes touch and each one is one connected region of its colour.
 - ``digits``: black digits 0-9 drawn as text, one per cell of a 3x3 grid.
@@ -95,7 +95,7 @@ OBJECT_COUNTS: dict[str, dict[str, tuple[int, int]]] = {
     "chart": {"id": (3, 4), "ood": (5, 6)},
 }
 """Inclusive ranges of objects per image, per scene and distribution (split rule 2)."""
-SHAPE_GRID = 6
+SHAPE_GRID = 4  # at 112 px a cell is 28 px: one merged image token of Qwen2.5-VL (14-px patches, 2x2 merge)
 DIGIT_GRID = 3
 MAX_BAR_VALUE = 10
 MIN_SIZE, MAX_SIZE, SIZE_STEP = 56, 112, 28

@@ -101,9 +101,22 @@ def constrain_slots(x: jax.Array, axis: int = 0) -> jax.Array:
     groups = data_groups()
     if groups == 1 or x.shape[axis] % groups:
         return x
-    spec = [None] * x.ndim
+    spec = [PartitionSpec.UNCONSTRAINED] * x.ndim  # the other axes keep their sharding (e.g. KV heads on tensor)
     spec[axis] = ("data", "fsdp")
     return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
+
+
+def slot_logits(model: Qwen2_5_VLForConditionalGeneration, hidden: jax.Array) -> jax.Array:
+    """``hidden [slots, E] -> logits [slots, V]``, computed where the (vocabulary-sharded) LM head lives: with a
+    ``tensor`` axis the logits are pinned to ``(slots: data groups, vocab: tensor)``, so the partitioner gathers
+    the small logits for the sampling's full-vocabulary ops, never the ``[V, E]`` head weight."""
+    mesh = jax.sharding.get_abstract_mesh()
+    logits = model.logits(hidden)
+    if mesh.empty or mesh.shape.get("tensor", 1) == 1 or logits.shape[-1] % mesh.shape["tensor"]:
+        return constrain_slots(logits)
+    groups = data_groups()
+    slots = ("data", "fsdp") if logits.shape[0] % groups == 0 else None
+    return jax.lax.with_sharding_constraint(logits, PartitionSpec(slots, "tensor"))
 
 
 def sample_keys(key: jax.Array, sample: jax.Array, step: jax.Array, n: int) -> jax.Array:
@@ -141,7 +154,7 @@ def engine_rollout(model: Qwen2_5_VLForConditionalGeneration, inputs: ModelInput
         segment = x.attention_mask.astype(jnp.int32)  # real tokens 1, padding 0 (causal attention within them)
         hidden, kv = lm(model.embed(x), x.positions, Segments(segment, segment), KVCache.zeros(cfg, g, t), 0)
         kv = KVCache(constrain_slots(kv.k, 1), constrain_slots(kv.v, 1))
-        return kv, constrain_slots(model.logits(hidden[:, -1]))
+        return kv, slot_logits(model, hidden[:, -1])
 
     batched = jax.tree.map(lambda x: per_iteration(x, 0), inputs._replace(positions=None))
     batched = batched._replace(positions=per_iteration(inputs.positions, 1))
@@ -224,7 +237,7 @@ def engine_rollout(model: Qwen2_5_VLForConditionalGeneration, inputs: ModelInput
         segments = Segments(jnp.ones((slots, 1), jnp.int32), key_valid.astype(jnp.int32), index + 1)
         hidden, cache = lm(lm.embed_tokens(tok[:, None]), positions, segments, s["cache"], index)
         cache = KVCache(constrain_slots(cache.k, 1), constrain_slots(cache.v, 1))
-        return dict(out, cache=cache, key_valid=key_valid, logits=constrain_slots(model.logits(hidden[:, 0])),
+        return dict(out, cache=cache, key_valid=key_valid, logits=slot_logits(model, hidden[:, 0]),
                     sample=jnp.where(ended, -1, s["sample"]), step=jnp.where(live & ~ended, step + 1, step))
 
     s = jax.lax.while_loop(cond, body, state)
