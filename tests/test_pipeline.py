@@ -14,7 +14,7 @@ from specs_jax.pipeline.config import ConfigError
 # A base model that has memorised 8 formatted training answers, so that GRPO-zero has correct,
 # formatted samples to build pairs from after a couple of steps.
 MICRO = [
-    "synth.n_train=8", "synth.n_id_test=4", "synth.n_ood_test=4",
+    "synth.n_train=8", "synth.n_id_test=4", "synth.n_ood_test=4", "synth.size=56",
     "base.architecture={hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, "
     "num_key_value_heads: 1, vision_config: {out_hidden_size: 32, depth: 1}}",
     "base.vocab_size=400", "base.format_fraction=1.0",
