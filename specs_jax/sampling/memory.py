@@ -134,7 +134,8 @@ def rollout_program_memory(cfg: ModelConfig, mesh, *, prompts: int, group_size: 
     return out
 
 
-def fit_slots(cfg: ModelConfig, mesh, *, most: int, budget_bytes: int, resident_bytes: int, **shape) -> tuple[int, dict]:
+def fit_slots(cfg: ModelConfig, mesh, *, most: int, budget_bytes: int, resident_bytes: int,
+              **shape) -> tuple[int, dict]:
     """The most decode slots, a multiple of the mesh's data groups and at most ``most``, whose compiled rollout
     program (:func:`rollout_program_memory` with ``shape``) fits ``budget_bytes`` beside ``resident_bytes``
     (bisection over the slots per group), and that program's memory. ``most`` itself when even one slot per group
