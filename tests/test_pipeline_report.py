@@ -337,3 +337,16 @@ def test_single_variant_ablation_uses_plain_names(tmp_path):
     vals = [0.7, 0.8]
     assert f"{np.mean(vals):.3f} ± {np.std(vals, ddof=1):.3f}" in text
     assert report.fmt_num(0.12) in text  # GF at the end from cold_start/gf.json
+
+
+def test_rl_runs_that_collapse_or_lose_the_format_are_flagged(tmp_path):
+    stable = make_run(tmp_path / "stable", fmt={"grpo_zero": (0.95, 0.90), "final": (0.95, 0.90)})
+    assert "stability criterion" not in write_report(stable).read_text()
+    # GRPO-zero below the format bar; the final GRPO collapsed to an ID accuracy far below the base's 0.30
+    bad = make_run(tmp_path / "bad", acc={"final": (0.02, 0.60)},
+                   fmt={"grpo_zero": (0.85, 0.90), "final": (0.95, 0.90)})
+    text = write_report(bad).read_text()
+    assert ("> **GRPO-zero failed the RL stability criterion** (format rate >= 0.9, ID accuracy at most 0.05 below "
+            "the base model's): id_test format rate 0.850 < 0.9.") in text
+    assert ("> **The final GRPO failed the RL stability criterion** (format rate >= 0.9, ID accuracy at most 0.05 "
+            "below the base model's): id_test accuracy 0.020, more than 0.05 below the base model's 0.300.") in text

@@ -182,6 +182,28 @@ def eval_metric(ev: Mapping | None, split: str, key: str) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
+MIN_RL_FORMAT = 0.9  # RL stability criterion: greedy format rate of an RL model at least this ...
+MAX_RL_ACC_DROP = 0.05  # ... and its ID accuracy at most this far below the base model's
+
+
+def rl_collapse(evals: Mapping[str, Mapping | None], model: str, split: str = "id_test") -> str | None:
+    """Why the RL model ``model`` (``grpo_zero``, ``final``, ``final_<variant>``) fails the tiny runs' RL stability
+    criterion, or None: its greedy format rate on ``split`` below :data:`MIN_RL_FORMAT`, or its accuracy more than
+    :data:`MAX_RL_ACC_DROP` below the base model's (``evals``: model name -> ``eval/<model>.json``). The criterion
+    looks at one RL run against its start, never at a comparison between cold starts."""
+    ev, base = evals.get(model), evals.get("base")
+    fmt, acc, base_acc = eval_metric(ev, split, "format_rate"), eval_metric(ev, split, "accuracy"), \
+        eval_metric(base, split, "accuracy")
+    if fmt is None or acc is None or base_acc is None:
+        return None
+    reasons = []
+    if fmt < MIN_RL_FORMAT:
+        reasons.append(f"{split} format rate {fmt:.3f} < {MIN_RL_FORMAT}")
+    if acc < base_acc - MAX_RL_ACC_DROP:
+        reasons.append(f"{split} accuracy {acc:.3f}, more than {MAX_RL_ACC_DROP} below the base model's {base_acc:.3f}")
+    return "; ".join(reasons) or None
+
+
 def _by_split(ev: Mapping | None, splits: Sequence[str], key: str) -> dict[str, float | None] | None:
     if ev is None:
         return None

@@ -34,6 +34,8 @@ from specs_jax.pipeline.findings import (
     DASH,
     DEFAULT_SPLITS,
     KIND_LABELS,
+    MAX_RL_ACC_DROP,
+    MIN_RL_FORMAT,
     NA,
     ablation_findings,
     eval_metric,
@@ -41,6 +43,7 @@ from specs_jax.pipeline.findings import (
     fmt_num,
     gf_values,
     mean_std,
+    rl_collapse,
     run_claims,
 )
 from specs_jax.pipeline.image_use import MIN_ID_GAIN, blind_base
@@ -472,6 +475,10 @@ def write_report(run_dir: str | Path) -> Path:
     blind = blind_base(use)
     if blind:
         out += [f"> **This run cannot test SPECS:** {blind}. See *Image use* below.", ""]
+    for model, label in (("grpo_zero", "GRPO-zero"), ("final", "The final GRPO")):
+        if why := rl_collapse(evals, model):
+            out += [f"> **{label} failed the RL stability criterion** (format rate >= {MIN_RL_FORMAT}, ID accuracy "
+                    f"at most {MAX_RL_ACC_DROP} below the base model's): {why}.", ""]
     out += ["## Findings", ""]
     out += _guard("Findings", lambda: [c.markdown(t) for t, c in
                                        zip("abc", run_claims(evals, splits, curve, untestable=blind))]
@@ -602,6 +609,16 @@ def write_ablation_report(run_dir: str | Path, seeds: Sequence[int], variants: S
     if blind:
         out += ["> **This ablation cannot test SPECS:** " + "; ".join(blind) + ". Its findings below compare "
                 "models that answer from the question text.", ""]
+    collapsed = []
+    for s in seeds:
+        evals = {m: shared[m][s] for m in shared}
+        evals.update({v: _read_json(_variant_file(run_dir / f"seed{s}" / "eval", "final", v, single))
+                      for v in variants})
+        collapsed += [f"seed {s} {'GRPO-zero' if m == 'grpo_zero' else f'`{m}` final'}: {why}"
+                      for m in ("grpo_zero", *variants) if (why := rl_collapse(evals, m))]
+    if collapsed:
+        out += [f"> **RL runs that failed the stability criterion** (format rate >= {MIN_RL_FORMAT}, ID accuracy at "
+                f"most {MAX_RL_ACC_DROP} below the base model's): " + "; ".join(collapsed) + ".", ""]
 
     def findings() -> list[str]:
         if not any(n_final(v) for v in variants):
