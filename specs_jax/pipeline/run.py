@@ -316,6 +316,9 @@ def build_base(cfg: PipelineConfig, dest: Path) -> dict:
         staged = Path(scratch) / "staged"
         shutil.copytree(model, staged)
         old = Path(scratch) / "old"
+        staged.chmod(0o755)  # the scratch directory's private mode is not the shipped model's
+        for f in staged.iterdir():
+            f.chmod(0o644)
         if dest.exists():
             dest.rename(old)
         staged.rename(dest)
