@@ -311,17 +311,18 @@ def build_base(cfg: PipelineConfig, dest: Path) -> dict:
     the new one is complete. Returns the base stage's summary."""
     dest = Path(dest)
     cfg = dataclasses.replace(cfg, base={**cfg.base, "rebuild": True})
-    with tempfile.TemporaryDirectory(dir=dest.parent) as scratch:
+    with tempfile.TemporaryDirectory() as scratch:  # outside dest's tree (e.g. the repository's models/)
         _, model = prepare_shared(cfg, Path(scratch))
-        staged = Path(scratch) / "staged"
-        shutil.copytree(model, staged)
-        old = Path(scratch) / "old"
-        staged.chmod(0o755)  # the scratch directory's private mode is not the shipped model's
-        for f in staged.iterdir():
-            f.chmod(0o644)
-        if dest.exists():
-            dest.rename(old)
-        staged.rename(dest)
+        staged, old = dest.with_name(f".{dest.name}.new"), dest.with_name(f".{dest.name}.old")
+        shutil.rmtree(staged, ignore_errors=True)
+        shutil.copytree(model, staged)  # next to dest: the renames below stay on one file system
+    staged.chmod(0o755)
+    for f in staged.iterdir():
+        f.chmod(0o644)
+    if dest.exists():
+        dest.rename(old)
+    staged.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
     return json.loads((dest / "build.json").read_text())["summary"]
 
 
