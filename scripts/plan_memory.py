@@ -527,26 +527,22 @@ def with_rollout_plan(plan: dict, args) -> dict:
     model = nnx.eval_shape(lambda: Qwen2_5_VLForConditionalGeneration(cfg, rngs=nnx.Rngs(0)))
     param_bytes = rollout_param_bytes(nnx.state(model, nnx.Param), cfg.dtype)  # the copy in the compute dtype
     resident = sum(plan[f"{k}_bytes"] for k in ("params", "frozen_params", "optimizer_state", "reference_params"))
-    rollout = rollout_memory(
-        cfg, prompts=run.train.batch_size, group_size=run.rl.group_size, prompt_len=run.train.max_length,
-        max_new_tokens=run.rl.max_new_tokens, devices=plan["devices"], host_devices=args.host_devices,
-        param_bytes=param_bytes, resident_bytes=resident, budget_bytes=int(args.budget_gib * GIB),
-        rollout_mesh=run.rl.rollout_mesh, max_slots=run.rl.max_slots, kv_cache_gib=run.rl.kv_cache_gib)
     budget = int(args.budget_gib * GIB)
+    shape = dict(prompts=run.train.batch_size, group_size=run.rl.group_size, prompt_len=run.train.max_length,
+                 max_new_tokens=run.rl.max_new_tokens)
+    plan_args = dict(devices=plan["devices"], host_devices=args.host_devices, param_bytes=param_bytes,
+                     resident_bytes=resident, budget_bytes=budget)
+    rollout = rollout_memory(cfg, **shape, **plan_args, rollout_mesh=run.rl.rollout_mesh, max_slots=run.rl.max_slots,
+                             kv_cache_gib=run.rl.kv_cache_gib)
     t0 = time.perf_counter()
     slots, program = fit_slots(
         cfg, rollout_mesh(jax.devices(), rollout["rollout_mesh"]["tensor"]), most=rollout["slots"], budget_bytes=budget,
-        resident_bytes=resident, prompts=run.train.batch_size, group_size=run.rl.group_size,
-        prompt_len=run.train.max_length, max_new_tokens=run.rl.max_new_tokens, image_patches=args.image_patches,
-        rules=run.mesh.rules)
+        resident_bytes=resident, **shape, image_patches=args.image_patches, rules=run.mesh.rules)
     program["compile_seconds"] = round(time.perf_counter() - t0, 2)
     arithmetic_slots = rollout["slots"]
     if slots != arithmetic_slots:  # the breakdown of the slots the compiled program fits with
-        rollout = rollout_memory(
-            cfg, prompts=run.train.batch_size, group_size=run.rl.group_size, prompt_len=run.train.max_length,
-            max_new_tokens=run.rl.max_new_tokens, devices=plan["devices"], host_devices=args.host_devices,
-            param_bytes=param_bytes, resident_bytes=resident, budget_bytes=budget,
-            rollout_mesh=rollout["rollout_mesh"]["tensor"], max_slots=slots)
+        rollout = rollout_memory(cfg, **shape, **plan_args, rollout_mesh=rollout["rollout_mesh"]["tensor"],
+                                 max_slots=slots)
     total = program["peak_bytes"] + resident
     # the XLA CPU backend computes bf16 dots in f32 and hoists f32 copies of the loop-invariant weights out of the
     # decode loop: about twice the rollout weights that bf16 hardware (TPU/GPU) does not allocate

@@ -22,7 +22,7 @@ from flax import nnx
 
 from specs_jax.model.positions import row_patches
 from specs_jax.model.qwen2_5_vl import ModelInputs, Qwen2_5_VLForConditionalGeneration, prepare_inputs
-from specs_jax.sampling.engine import GIB, choose_slots, engine_rollout
+from specs_jax.sampling.engine import GIB, choose_slots, data_groups, engine_rollout
 from specs_jax.sampling.sample import SamplingParams
 from specs_jax.training.sharding import agree_max, allgather_rows, spans_processes
 
@@ -144,8 +144,7 @@ class Sampler:
         Raises when one slot does not fit the KV-cache budget."""
         c = self.config
         budget = c.kv_cache_gib if c.kv_cache_gib is not None or c.max_slots is not None else default_kv_cache_gib()
-        mesh = jax.sharding.get_abstract_mesh()  # the rollout mesh when the caller set one
-        groups = 1 if mesh.empty else int(np.prod([mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape]))
+        groups = data_groups()  # of the rollout mesh when the caller set one: the engine's own grouping
         return choose_slots(self.model.config, samples, prompt_length + c.max_new_tokens, max_slots=c.max_slots,
                             kv_cache_gib=budget, multiple=groups)
 
