@@ -195,3 +195,33 @@ def test_build_base_replaces_the_shipped_directory_only_when_complete(tmp_path):
     build = json.loads((dest / "build.json").read_text())
     assert prebuilt_mismatch(dest, build["key"]) is None and (dest / "model.safetensors").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["shipped"]  # no scratch left behind
+
+
+def test_the_rl_sweep_judges_each_grpo_zero_run_by_the_stability_criterion(run_dir, tmp_path, capsys):
+    import shutil
+
+    from specs_jax.pipeline.findings import rl_collapse
+    from specs_jax.pipeline.rl_sweep import sweep_rl, sweep_table
+
+    out = tmp_path / "sweep"
+    for stage in ("data", "base"):  # the run's data and base model, as the sweep would make them
+        shutil.copytree(run_dir / stage, out / "shared" / stage)
+    wild, still = ["grpo_zero.optim.lr=10.0"], ["grpo_zero.optim.lr=0.0"]
+    result = sweep_rl("configs/specs_tiny.yaml", MICRO, [wild, still], [0], out)
+    assert json.loads((out / "sweep.json").read_text()) == result
+    base_eval = json.loads((out / "shared" / "base_eval.json").read_text())
+    for cand, name in zip(result["candidates"], ("optim.lr=10.0", "optim.lr=0.0")):
+        ev = json.loads((out / name / "seed0" / "eval.json").read_text())
+        assert cand["runs"]["0"]["fails"] == rl_collapse({"base": base_eval, "grpo_zero": ev}, "grpo_zero")
+    wild_run, still_run = (c["runs"]["0"] for c in result["candidates"])
+    assert "format rate" in wild_run["fails"]  # lr 10 destroys the model
+    # lr 0 leaves the base model as it was: the same greedy answers, so never an accuracy drop
+    assert still_run["accuracy"] == result["base"]["accuracy"]
+    assert still_run["format_rate"] == result["base"]["format_rate"]
+    assert result["chosen"] == (still if still_run["fails"] is None else None)
+    assert sweep_table(result)[-1].startswith("chosen: ")
+    stamps = {p: p.stat().st_mtime for p in out.glob("*/seed0/grpo_zero/DONE.json")}
+    assert sweep_rl("configs/specs_tiny.yaml", MICRO, [wild, still], [0], out) == result  # resumed, not redone
+    assert {p: p.stat().st_mtime for p in stamps} == stamps
+    with pytest.raises(ConfigError, match="base.vocab_size"):
+        sweep_rl("configs/specs_tiny.yaml", MICRO, [["base.vocab_size=1"]], [0], out)

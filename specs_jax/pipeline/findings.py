@@ -183,24 +183,29 @@ def eval_metric(ev: Mapping | None, split: str, key: str) -> float | None:
 
 
 MIN_RL_FORMAT = 0.9  # RL stability criterion: greedy format rate of an RL model at least this ...
-MAX_RL_ACC_DROP = 0.05  # ... and its ID accuracy at most this far below the base model's
+MAX_RL_ACC_DROP = 0.05  # ... and its ID accuracy at most this far below the model the RL run started from
+RL_CRITERION = (f"greedy ID format rate >= {MIN_RL_FORMAT}, ID accuracy at most {MAX_RL_ACC_DROP} below the model "
+                "the RL run started from")
 
 
-def rl_collapse(evals: Mapping[str, Mapping | None], model: str, split: str = "id_test") -> str | None:
-    """Why the RL model ``model`` (``grpo_zero``, ``final``, ``final_<variant>``) fails the tiny runs' RL stability
-    criterion, or None: its greedy format rate on ``split`` below :data:`MIN_RL_FORMAT`, or its accuracy more than
-    :data:`MAX_RL_ACC_DROP` below the base model's (``evals``: model name -> ``eval/<model>.json``). The criterion
-    looks at one RL run against its start, never at a comparison between cold starts."""
-    ev, base = evals.get(model), evals.get("base")
-    fmt, acc, base_acc = eval_metric(ev, split, "format_rate"), eval_metric(ev, split, "accuracy"), \
-        eval_metric(base, split, "accuracy")
-    if fmt is None or acc is None or base_acc is None:
+def rl_collapse(evals: Mapping[str, Mapping | None], model: str, start: str = "base",
+                split: str = "id_test") -> str | None:
+    """Why the RL model ``model`` (``grpo_zero``, ``final``, ...) fails the tiny runs' RL stability criterion
+    (:data:`RL_CRITERION`), or None: its greedy format rate on ``split`` below :data:`MIN_RL_FORMAT`, or its
+    accuracy more than :data:`MAX_RL_ACC_DROP` below that of ``start``, the model the run started from (the base
+    model for GRPO-zero, the cold-start model for a final GRPO). ``evals``: model name -> ``eval/<model>.json``.
+    The criterion looks at one RL run against its start, never at a comparison between cold starts."""
+    ev, before = evals.get(model), evals.get(start)
+    fmt, acc, start_acc = eval_metric(ev, split, "format_rate"), eval_metric(ev, split, "accuracy"), \
+        eval_metric(before, split, "accuracy")
+    if fmt is None or acc is None or start_acc is None:
         return None
     reasons = []
     if fmt < MIN_RL_FORMAT:
         reasons.append(f"{split} format rate {fmt:.3f} < {MIN_RL_FORMAT}")
-    if acc < base_acc - MAX_RL_ACC_DROP:
-        reasons.append(f"{split} accuracy {acc:.3f}, more than {MAX_RL_ACC_DROP} below the base model's {base_acc:.3f}")
+    if acc < start_acc - MAX_RL_ACC_DROP:
+        reasons.append(f"{split} accuracy {acc:.3f}, more than {MAX_RL_ACC_DROP} below its start's ({start}) "
+                       f"{start_acc:.3f}")
     return "; ".join(reasons) or None
 
 

@@ -34,8 +34,7 @@ from specs_jax.pipeline.findings import (
     DASH,
     DEFAULT_SPLITS,
     KIND_LABELS,
-    MAX_RL_ACC_DROP,
-    MIN_RL_FORMAT,
+    RL_CRITERION,
     NA,
     ablation_findings,
     eval_metric,
@@ -475,10 +474,10 @@ def write_report(run_dir: str | Path) -> Path:
     blind = blind_base(use)
     if blind:
         out += [f"> **This run cannot test SPECS:** {blind}. See *Image use* below.", ""]
-    for model, label in (("grpo_zero", "GRPO-zero"), ("final", "The final GRPO")):
-        if why := rl_collapse(evals, model):
-            out += [f"> **{label} failed the RL stability criterion** (format rate >= {MIN_RL_FORMAT}, ID accuracy "
-                    f"at most {MAX_RL_ACC_DROP} below the base model's): {why}.", ""]
+    final_start = "cold_start" if evals.get("cold_start") is not None else "base"
+    for model, start, label in (("grpo_zero", "base", "GRPO-zero"), ("final", final_start, "The final GRPO")):
+        if why := rl_collapse(evals, model, start):
+            out += [f"> **{label} failed the RL stability criterion** ({RL_CRITERION}): {why}.", ""]
     out += ["## Findings", ""]
     out += _guard("Findings", lambda: [c.markdown(t) for t, c in
                                        zip("abc", run_claims(evals, splits, curve, untestable=blind))]
@@ -612,13 +611,17 @@ def write_ablation_report(run_dir: str | Path, seeds: Sequence[int], variants: S
     collapsed = []
     for s in seeds:
         evals = {m: shared[m][s] for m in shared}
-        evals.update({v: _read_json(_variant_file(run_dir / f"seed{s}" / "eval", "final", v, single))
-                      for v in variants})
-        collapsed += [f"seed {s} {'GRPO-zero' if m == 'grpo_zero' else f'`{m}` final'}: {why}"
-                      for m in ("grpo_zero", *variants) if (why := rl_collapse(evals, m))]
+        eval_dir = run_dir / f"seed{s}" / "eval"
+        for v in variants:
+            evals[f"final_{v}"] = _read_json(_variant_file(eval_dir, "final", v, single))
+            evals[f"cold_start_{v}"] = _read_json(_variant_file(eval_dir, "cold_start", v, single))
+        runs = [("grpo_zero", "base", "GRPO-zero")] + [
+            (f"final_{v}", f"cold_start_{v}" if evals[f"cold_start_{v}"] is not None else "base", f"`{v}` final")
+            for v in variants]
+        collapsed += [f"seed {s} {label}: {why}" for m, start, label in runs if (why := rl_collapse(evals, m, start))]
     if collapsed:
-        out += [f"> **RL runs that failed the stability criterion** (format rate >= {MIN_RL_FORMAT}, ID accuracy at "
-                f"most {MAX_RL_ACC_DROP} below the base model's): " + "; ".join(collapsed) + ".", ""]
+        out += [f"> **RL runs that failed the stability criterion** ({RL_CRITERION}): " + "; ".join(collapsed)
+                + ".", ""]
 
     def findings() -> list[str]:
         if not any(n_final(v) for v in variants):
