@@ -14,9 +14,13 @@ step as timed, with the trainer's chunked log-probs, with the long-sequence conf
 (then the saved activations are the layer inputs and one layer's recomputation is what remains, so the
 attention's share shows), and for one layer's attention alone.
 The last line is the speed ratio of the machine's default backend (``model.attention=auto``).
+``--profile`` also traces a few steps of that backend (``jax.profiler``) and prints where the time goes: the
+share of XLA's operations by kind (matmuls, layout copies/transposes, ...) and the costliest operations with
+their shapes and the JAX operation they come from.
 
     python scripts/bench_forward.py                # default ~60M config, batch 4 x 256
     python scripts/bench_forward.py --batch 8 --seq 512 --iters 5 --attention blockwise
+    python scripts/bench_forward.py --profile --mem-seq 0
 """
 
 from __future__ import annotations
@@ -88,8 +92,10 @@ def make_step(labels, chunked: bool = False):
     return step
 
 
-def bench_jax(path, ids, pixels, grid, iters, attention="auto"):
+def bench_jax(path, ids, pixels, grid, iters, attention="auto", profile: bool = False):
+    """(loss, first call's seconds, median step seconds, profile lines or None) of the jitted step."""
     import jax
+    from flax import nnx
 
     import specs_jax
     from specs_jax.model import prepare_inputs
@@ -103,7 +109,71 @@ def bench_jax(path, ids, pixels, grid, iters, attention="auto"):
     jax.block_until_ready(grads)
     compile_s = time.perf_counter() - start
     run = lambda: jax.block_until_ready(step(model, inputs))
-    return float(loss), compile_s, time_it(run, iters)
+    seconds = time_it(run, iters)
+    lines = None
+    if profile:
+        graphdef, state = nnx.split(model)
+        fn = jax.jit(lambda state, inputs: step(nnx.merge(graphdef, state), inputs))
+        hlo = fn.lower(state, inputs).compile().as_text()
+        lines = profile_lines(profile_ops(lambda: jax.block_until_ready(fn(state, inputs)), hlo))
+    return float(loss), compile_s, seconds, lines
+
+
+OP_KINDS = (  # (kind, predicate on an XLA operation's name), first match wins
+    ("matmuls (dot fusions)", lambda n: any(k in n for k in ("ynn_fusion", "xnn_fusion", "onednn", "dot", "gemm"))),
+    ("layout copies / transposes", lambda n: "copy" in n or "transpose" in n),
+    ("scanned-layer slicing (dynamic-(update-)slice, while)", lambda n: "dynamic" in n or n.startswith("while")),
+)
+
+
+def profile_ops(run, hlo_text: str, steps: int = 3, top: int = 8) -> dict:
+    """Trace ``steps`` calls of ``run`` with ``jax.profiler`` and summarise the XLA operations' time (summed over
+    the threads that ran them): ``{"kinds": {kind: share}, "ops": [(name, share, shape, origin)], "ms_per_step"}``,
+    the share per kind (:data:`OP_KINDS`, else ``other``) and the ``top`` costliest operations with their result
+    shape and JAX operation (from the compiled program's text ``hlo_text``)."""
+    import collections
+    import glob
+    import gzip
+    import json
+    import os
+    import re
+
+    import jax
+
+    run()
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            for _ in range(steps):
+                run()
+        (trace,) = glob.glob(os.path.join(d, "plugins", "profile", "*", "perfetto_trace.json.gz"))
+        with gzip.open(trace) as f:
+            events = json.load(f)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    per_op = collections.Counter()
+    for e in events:  # XLA's operations are the lower-case names (runtime and Python events are not)
+        if e.get("ph") == "X" and e["name"][:1].islower() and not e["name"].startswith("end: "):
+            per_op[e["name"]] += e.get("dur", 0)
+    total = sum(per_op.values()) or 1
+    kinds = collections.Counter()
+    for name, us in per_op.items():
+        kinds[next((k for k, match in OP_KINDS if match(name)), "other")] += us
+    ops = []
+    for name, us in per_op.most_common(top):
+        m = re.search(rf"%{re.escape(name)} = (\S+) .*?op_name=\"([^\"]*)\"", hlo_text)
+        ops.append((name, us / total, *((m.group(1), m.group(2)) if m else ("?", "?"))))
+    return {"kinds": {k: us / total for k, us in kinds.most_common()}, "ops": ops,
+            "ms_per_step": total / steps / 1e3}
+
+
+def profile_lines(profile: dict) -> list[str]:
+    """:func:`profile_ops`' summary as printed lines."""
+    import re
+
+    lines = [f"  {100 * share:5.1f}%  {kind}" for kind, share in profile["kinds"].items()]
+    lines.append(f"  costliest operations ({profile['ms_per_step']:.1f} ms of operation time per step):")
+    lines += [f"  {100 * share:5.1f}%  {name:<30} {shape:<24} {re.sub(r'^(jit[(][^)]*[)]/)+', '', origin)[-80:]}"
+              for name, share, shape, origin in profile["ops"]]
+    return lines
 
 
 def temp_memory(path, ids, pixels, grid, attention, chunked: bool, remat: str = "none") -> int:
@@ -186,6 +256,8 @@ def main() -> None:
                         "machine's default)")
     p.add_argument("--mem-batch", type=int, default=2)
     p.add_argument("--mem-seq", type=int, default=2048, help="0: skip the memory comparison")
+    p.add_argument("--profile", action="store_true",
+                   help="also print where the default backend's step spends its time (jax.profiler trace)")
     args = p.parse_args()
 
     import torch
@@ -206,11 +278,13 @@ def main() -> None:
     default = resolve_backend("auto")
     backends = list(dict.fromkeys(resolve_backend(a) for a in (args.attention or ["xla", "blockwise", default])))
     loss_t, torch_s = bench_torch(path, ids, pixels, grid, args.iters)
-    results = {a: bench_jax(path, ids, pixels, grid, args.iters, a) for a in backends}
+    ref = default if default in backends else backends[-1]
+    results = {a: bench_jax(path, ids, pixels, grid, args.iters, a, profile=args.profile and a == ref)
+               for a in backends}
     tokens = args.batch * args.seq
     print(f"loss: transformers {loss_t:.6f}  " + "  ".join(f"specs-jax[{a}] {r[0]:.6f}" for a, r in results.items()))
     print(f"transformers          fwd+bwd: {torch_s * 1e3:8.1f} ms/step  {tokens / torch_s:9.0f} tokens/s")
-    for a, (_, compile_s, jax_s) in results.items():
+    for a, (_, compile_s, jax_s, _) in results.items():
         print(f"specs-jax {a:<11} fwd+bwd: {jax_s * 1e3:8.1f} ms/step  {tokens / jax_s:9.0f} tokens/s  "
               f"(first call incl. compile {compile_s:.1f} s)  ratio {torch_s / jax_s:.2f}x")
     if args.mem_seq:
@@ -230,7 +304,9 @@ def main() -> None:
             line = "  ".join(f"{a} {t / 2**20:7.1f} MiB" for a, t in temps.items())
             print(f"temp memory of fwd+bwd at {shape}, {what}: {line}  "
                   f"(xla / blockwise {temps['xla'] / temps['blockwise']:.1f}x)")
-    ref = default if default in results else backends[-1]
+    if results[ref][3]:
+        print(f"where the time of specs-jax {ref}'s step goes (jax.profiler, operation time summed over XLA's threads):")
+        print("\n".join(results[ref][3]))
     print(f"default attention backend on {jax_platform()}: {default}" + ("" if ref == default else f" (timed: {ref})"))
     print(f"speed ratio specs-jax / transformers: {torch_s / results[ref][2]:.2f}x")
 
