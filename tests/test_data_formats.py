@@ -3,7 +3,6 @@ batches of the same rows in flat form; malformed rows are counted by reason; ``s
 
 import json
 
-import datasets
 import numpy as np
 import pytest
 from format_fixtures import (

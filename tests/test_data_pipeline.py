@@ -269,3 +269,11 @@ def test_configuration_errors_name_the_problem(processor, image_folder, tmp_path
     (tmp_path / "data.txt").write_text("x")
     with pytest.raises(ValueError, match="unsupported data file"):
         load_rows(tmp_path / "data.txt")
+
+
+def test_the_data_package_exports_every_lazy_name():
+    import specs_jax.data as data
+
+    lazy = {n for names in data._LAZY.values() for n in names}
+    assert set(data.__all__) == lazy | {"PairConfig", "PromptSamples", "build_pairs", "save_pairs"}
+    assert all(getattr(data, n) is not None for n in data.__all__)  # each resolves (lazily or directly)
