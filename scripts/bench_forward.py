@@ -114,8 +114,8 @@ def bench_jax(path, ids, pixels, grid, iters, attention="auto", profile: bool = 
     if profile:
         graphdef, state = nnx.split(model)
         fn = jax.jit(lambda state, inputs: step(nnx.merge(graphdef, state), inputs))
-        hlo = fn.lower(state, inputs).compile().as_text()
-        lines = profile_lines(profile_ops(lambda: jax.block_until_ready(fn(state, inputs)), hlo))
+        compiled = fn.lower(state, inputs).compile()  # the program profiled is the one whose text is read
+        lines = profile_lines(profile_ops(lambda: jax.block_until_ready(compiled(state, inputs)), compiled.as_text()))
     return float(loss), compile_s, seconds, lines
 
 
@@ -305,7 +305,8 @@ def main() -> None:
             print(f"temp memory of fwd+bwd at {shape}, {what}: {line}  "
                   f"(xla / blockwise {temps['xla'] / temps['blockwise']:.1f}x)")
     if results[ref][3]:
-        print(f"where the time of specs-jax {ref}'s step goes (jax.profiler, operation time summed over XLA's threads):")
+        print(f"where the time of specs-jax {ref}'s step goes "
+              "(jax.profiler, operation time summed over XLA's threads):")
         print("\n".join(results[ref][3]))
     print(f"default attention backend on {jax_platform()}: {default}" + ("" if ref == default else f" (timed: {ref})"))
     print(f"speed ratio specs-jax / transformers: {torch_s / results[ref][2]:.2f}x")

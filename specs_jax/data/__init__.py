@@ -17,14 +17,8 @@ _LAZY = {
     "specs_jax.data.synth": ("SynthConfig", "synth_dataset", "save_synth"),
 }
 
-__all__ = [  # noqa: F822 (the lazy names resolve in __getattr__)
-    "PairConfig", "PromptSamples", "build_pairs", "save_pairs",
-    "DataConfig", "Columns", "PAIR_COLUMNS", "load_rows", "rl_batches", "sft_batches", "preference_batches",
-    "FORMATS", "canonical_row", "detect_format", "flat_rows", "resolve_layout",
-    "inspect_rows",
-    "Processor", "ProcessorConfig", "build_processor", "load_processor", "model_token_fields",
-    "SynthConfig", "synth_dataset", "save_synth",
-]
+__all__ = ["PairConfig", "PromptSamples", "build_pairs", "save_pairs"]
+__all__ += [n for names in _LAZY.values() for n in names]  # resolved by __getattr__
 
 
 def __getattr__(name: str):

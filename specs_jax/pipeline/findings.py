@@ -188,6 +188,12 @@ RL_CRITERION = (f"greedy ID format rate >= {MIN_RL_FORMAT}, ID accuracy at most 
                 "the RL run started from")
 
 
+def rl_start(evals: Mapping[str, Mapping | None], cold_start: str) -> str:
+    """The model a final GRPO started from: its cold start ``cold_start`` when that was evaluated, else the base
+    model (no cold start)."""
+    return cold_start if evals.get(cold_start) is not None else "base"
+
+
 def rl_collapse(evals: Mapping[str, Mapping | None], model: str, start: str = "base",
                 split: str = "id_test") -> str | None:
     """Why the RL model ``model`` (``grpo_zero``, ``final``, ...) fails the tiny runs' RL stability criterion

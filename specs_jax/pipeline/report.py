@@ -34,8 +34,8 @@ from specs_jax.pipeline.findings import (
     DASH,
     DEFAULT_SPLITS,
     KIND_LABELS,
-    RL_CRITERION,
     NA,
+    RL_CRITERION,
     ablation_findings,
     eval_metric,
     fmt_mean_std,
@@ -43,6 +43,7 @@ from specs_jax.pipeline.findings import (
     gf_values,
     mean_std,
     rl_collapse,
+    rl_start,
     run_claims,
 )
 from specs_jax.pipeline.image_use import MIN_ID_GAIN, blind_base
@@ -474,8 +475,8 @@ def write_report(run_dir: str | Path) -> Path:
     blind = blind_base(use)
     if blind:
         out += [f"> **This run cannot test SPECS:** {blind}. See *Image use* below.", ""]
-    final_start = "cold_start" if evals.get("cold_start") is not None else "base"
-    for model, start, label in (("grpo_zero", "base", "GRPO-zero"), ("final", final_start, "The final GRPO")):
+    for model, start, label in (("grpo_zero", "base", "GRPO-zero"),
+                                ("final", rl_start(evals, "cold_start"), "The final GRPO")):
         if why := rl_collapse(evals, model, start):
             out += [f"> **{label} failed the RL stability criterion** ({RL_CRITERION}): {why}.", ""]
     out += ["## Findings", ""]
@@ -616,8 +617,7 @@ def write_ablation_report(run_dir: str | Path, seeds: Sequence[int], variants: S
             evals[f"final_{v}"] = _read_json(_variant_file(eval_dir, "final", v, single))
             evals[f"cold_start_{v}"] = _read_json(_variant_file(eval_dir, "cold_start", v, single))
         runs = [("grpo_zero", "base", "GRPO-zero")] + [
-            (f"final_{v}", f"cold_start_{v}" if evals[f"cold_start_{v}"] is not None else "base", f"`{v}` final")
-            for v in variants]
+            (f"final_{v}", rl_start(evals, f"cold_start_{v}"), f"`{v}` final") for v in variants]
         collapsed += [f"seed {s} {label}: {why}" for m, start, label in runs if (why := rl_collapse(evals, m, start))]
     if collapsed:
         out += [f"> **RL runs that failed the stability criterion** ({RL_CRITERION}): " + "; ".join(collapsed)
