@@ -225,3 +225,35 @@ def test_the_rl_sweep_judges_each_grpo_zero_run_by_the_stability_criterion(run_d
     assert {p: p.stat().st_mtime for p in stamps} == stamps
     with pytest.raises(ConfigError, match="base.vocab_size"):
         sweep_rl("configs/specs_tiny.yaml", MICRO, [["base.vocab_size=1"]], [0], out)
+
+
+def test_a_fresh_validation_draw_measures_image_use_without_the_test_splits(run_dir, capsys):
+    """`diagnose_image_use.py --fresh N`: N new questions per split (not the run's test questions, the same for the
+    same data seed), any model directory as well as a stage; the run's own data seed is refused."""
+    import importlib.util
+
+    from specs_jax.data.pipeline import load_rows
+    from specs_jax.pipeline.run import fresh_eval_rows
+
+    cfg = load_pipeline_config(run_dir / "config.json", [])
+    fresh = fresh_eval_rows(cfg, 6, 1000)
+    for split, rows in fresh.items():
+        test = load_rows(run_dir / "data" / f"{split}.parquet")
+        assert len(rows) == 6 and set(rows["question"]) != set(test["question"][:6]), split
+        assert set(rows["split"]) == {split}
+        assert rows["question"] == fresh_eval_rows(cfg, 6, 1000)[split]["question"]
+    with pytest.raises(ValueError, match="own test questions"):
+        fresh_eval_rows(cfg, 6, cfg.seed)
+
+    spec = importlib.util.spec_from_file_location("diagnose", "scripts/diagnose_image_use.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main([str(run_dir), "--fresh", "3", "--models", "base", str(run_dir / "grpo_zero" / "model")])
+    lines = [ln.split() for ln in capsys.readouterr().out.splitlines()]
+    rows = [ln for ln in lines if ln and ln[1] in ("id_test", "ood_test")]
+    assert [(r[0], r[1]) for r in rows] == [(m, s) for m in ("base", str(run_dir / "grpo_zero" / "model"))
+                                            for s in ("id_test", "ood_test")]
+    for r in rows:  # greedy accuracies (real, blank) over 3 questions: multiples of 1/3
+        assert all(abs(float(a) * 3 - round(float(a) * 3)) < 0.01 for a in r[2:4]), r
+    with pytest.raises(SystemExit):
+        script.main([str(run_dir), "--fresh", "3", "--models", "no_such_model"])

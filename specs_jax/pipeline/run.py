@@ -293,6 +293,18 @@ def _eval_rows(cfg: PipelineConfig, data: Path) -> dict:
     return rows
 
 
+def fresh_eval_rows(cfg: PipelineConfig, n: int, seed: int) -> dict:
+    """A validation draw: ``n`` new questions per evaluation split from the run's synthetic data settings with data
+    seed ``seed`` (a seed the run's own splits do not use), for choices that must not look at the test splits."""
+    from specs_jax.data.pipeline import load_rows
+    from specs_jax.data.synth import SynthConfig, synth_dataset
+
+    if seed == cfg.seed:
+        raise ValueError(f"data seed {seed} draws the run's own test questions: give another seed")
+    ds = synth_dataset(SynthConfig(**{**cfg.synth, "n_train": 1, "n_id_test": n, "n_ood_test": n, "seed": seed}))
+    return {split: load_rows(ds[split]) for split in EVAL_SPLITS}
+
+
 def _timings(root: Path) -> dict:
     return json.loads((root / "timings.json").read_text()) if (root / "timings.json").is_file() else {}
 
