@@ -11,7 +11,6 @@ run as a script) that leaves the run directory and the trainer's step-2 paramete
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from cpu_devices import cpu_devices_env
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = (1, 8, 12)  # one image: 96 patches -> 24 merged tokens
@@ -86,7 +87,7 @@ def make_run(out: Path) -> None:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("convert_training")
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = cpu_devices_env(8)
     proc = subprocess.run([sys.executable, __file__, str(out)], env=env, cwd=ROOT, capture_output=True, text=True,
                           timeout=900, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]

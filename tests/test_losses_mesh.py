@@ -8,11 +8,13 @@ import os
 import subprocess
 import sys
 
+from cpu_devices import cpu_devices_env
+
 N_DEVICES = 8
 
 
 def test_losses_on_sharded_batch_match_unsharded():
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={N_DEVICES}", JAX_PLATFORMS="cpu")
+    env = cpu_devices_env(N_DEVICES)
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join([repo, env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300, check=False)

@@ -6,7 +6,6 @@ naming the numbers. Each run is the ``specs-jax train`` command a user types, on
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -15,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
+
+from cpu_devices import cpu_devices_env
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 900
@@ -28,7 +29,7 @@ def free_port() -> int:
 
 def launch(args: list[str], processes: int, devices: int, out: Path) -> list[subprocess.CompletedProcess]:
     """Run ``specs-jax ARGS`` as ``processes`` local processes of ``devices`` CPU devices each."""
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    env = cpu_devices_env(devices)
     extra = [[]]
     if processes > 1:
         port = free_port()
@@ -86,7 +87,7 @@ def test_a_batch_that_does_not_split_over_the_processes_is_refused(tmp_path):
 @pytest.mark.slow
 def test_processes_with_different_configs_stop_with_the_difference_named(tmp_path):
     port = free_port()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    env = cpu_devices_env(1)
     procs = [subprocess.Popen([sys.executable, "-m", "specs_jax.cli.main", *train_args("sft", tmp_path / "hf"),
                                "mesh.data=1", "mesh.fsdp=-1", f"optim.lr={lr}", f"train.output_dir={tmp_path / 'o'}",
                                f"mesh.coordinator_address=127.0.0.1:{port}", "mesh.num_processes=2",
@@ -110,7 +111,7 @@ def test_a_dead_process_stops_the_others_and_the_job_resumes_exactly(tmp_path):
     assert straight[0].returncode == 0, straight[0].stderr[-3000:]
 
     port = free_port()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    env = cpu_devices_env(4)
     run = tmp_path / "killed"
     procs = [subprocess.Popen([sys.executable, "-m", "specs_jax.cli.main", *args, "train.steps=40",
                                f"train.output_dir={run}", f"mesh.coordinator_address=127.0.0.1:{port}",

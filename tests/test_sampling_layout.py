@@ -12,6 +12,8 @@ import pytest
 
 from specs_jax.sampling.layout import parse_rollout_mesh, rollout_tensor_size
 
+from cpu_devices import cpu_devices_env
+
 GIB = 2**30
 
 
@@ -91,7 +93,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_rollout_layout_on_8_devices_samples_the_same_without_weight_collectives():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = cpu_devices_env(8)
     out = subprocess.run([sys.executable, "-c", SCRIPT, os.path.dirname(__file__)], env=env, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import textwrap
 
+from cpu_devices import cpu_devices_env
+
 SCRIPT = textwrap.dedent("""
     import sys, tempfile
     sys.path.insert(0, sys.argv[1])
@@ -52,7 +54,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_sampler_on_sharded_params_equals_unsharded_and_continuous_equals_static():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = cpu_devices_env(8)
     out = subprocess.run([sys.executable, "-c", SCRIPT, os.path.dirname(__file__)], env=env, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
