@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""Choose the RL settings of a pipeline config by the RL stability criterion alone: GRPO-zero from the base model
-for every candidate (a set of ``grpo_zero.*`` overrides) and seed, each judged on its greedy ID format rate and
-accuracy against the base model's (:mod:`specs_jax.pipeline.rl_sweep`). Prints one line per run and the first
-candidate that passes on every seed; writes ``--out``/sweep.json. Resumable: finished runs are not redone.
+"""Choose the RL settings of a pipeline config by the RL stability criterion alone: for every candidate (a set of
+``grpo_zero.*`` overrides) and seed, GRPO-zero from the base model and the same GRPO continued from GRPO-zero's
+model, each judged on its greedy ID format rate and accuracy against its start's (:mod:`specs_jax.pipeline.
+rl_sweep`). Prints one line per run and the first candidate whose runs all pass on every seed; writes
+``--out``/sweep.json. Resumable: finished runs are not redone.
 
     python scripts/sweep_rl.py --seeds 0 1 2 --out runs/rl_sweep \\
         --candidate grpo_zero.optim.lr=5e-4 --candidate grpo_zero.optim.lr=2e-4 \\

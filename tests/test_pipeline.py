@@ -197,7 +197,9 @@ def test_build_base_replaces_the_shipped_directory_only_when_complete(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["shipped"]  # no scratch left behind
 
 
-def test_the_rl_sweep_judges_each_grpo_zero_run_by_the_stability_criterion(run_dir, tmp_path, capsys):
+def test_the_rl_sweep_judges_each_rl_run_by_the_stability_criterion(run_dir, tmp_path, capsys):
+    """Per candidate and seed: GRPO-zero from the base model, then GRPO continued from GRPO-zero's model, each
+    judged against its own start; a candidate passes only when every run does."""
     import shutil
 
     from specs_jax.pipeline.findings import rl_collapse
@@ -211,16 +213,24 @@ def test_the_rl_sweep_judges_each_grpo_zero_run_by_the_stability_criterion(run_d
     assert json.loads((out / "sweep.json").read_text()) == result
     base_eval = json.loads((out / "shared" / "base_eval.json").read_text())
     for cand, name in zip(result["candidates"], ("optim.lr=10.0", "optim.lr=0.0")):
-        ev = json.loads((out / name / "seed0" / "eval.json").read_text())
-        assert cand["runs"]["0"]["fails"] == rl_collapse({"base": base_eval, "grpo_zero": ev}, "grpo_zero")
+        seed = out / name / "seed0"
+        evals = {"base": base_eval, **{run: json.loads((seed / f"eval_{run}.json").read_text())
+                                       for run in ("grpo_zero", "grpo_continued")}}
+        runs = cand["runs"]["0"]
+        assert runs["grpo_zero"]["fails"] == rl_collapse(evals, "grpo_zero", "base")
+        assert runs["grpo_continued"]["fails"] == rl_collapse(evals, "grpo_continued", "grpo_zero")
+        assert cand["passes"] == all(r["fails"] is None for r in runs.values())
     wild_run, still_run = (c["runs"]["0"] for c in result["candidates"])
-    assert "format rate" in wild_run["fails"]  # lr 10 destroys the model
-    # lr 0 leaves the base model as it was: the same greedy answers, so never an accuracy drop
-    assert still_run["accuracy"] == result["base"]["accuracy"]
-    assert still_run["format_rate"] == result["base"]["format_rate"]
-    assert result["chosen"] == (still if still_run["fails"] is None else None)
-    assert sweep_table(result)[-1].startswith("chosen: ")
-    stamps = {p: p.stat().st_mtime for p in out.glob("*/seed0/grpo_zero/DONE.json")}
+    assert "format rate" in wild_run["grpo_zero"]["fails"]  # lr 10 destroys the model
+    # lr 0 leaves the base model as it was, twice: the same greedy answers, so never an accuracy drop
+    for run in ("grpo_zero", "grpo_continued"):
+        assert still_run[run]["accuracy"] == result["base"]["accuracy"]
+        assert still_run[run]["format_rate"] == result["base"]["format_rate"]
+    assert result["chosen"] == (still if result["candidates"][1]["passes"] else None)
+    table = sweep_table(result)
+    assert table[-1].startswith("chosen: ") and sum("grpo_continued" in line for line in table) == 2
+    stamps = {p: p.stat().st_mtime for p in out.glob("*/seed0/grpo_*/DONE.json")}
+    assert len(stamps) == 4
     assert sweep_rl("configs/specs_tiny.yaml", MICRO, [wild, still], [0], out) == result  # resumed, not redone
     assert {p: p.stat().st_mtime for p in stamps} == stamps
     with pytest.raises(ConfigError, match="base.vocab_size"):
