@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     from specs_jax.data.pair_sampling import Policies
     from specs_jax.pipeline.config import load_pipeline_config
     from specs_jax.pipeline.image_use import blind_base, image_use
-    from specs_jax.pipeline.run import _eval_rows, fresh_eval_rows
+    from specs_jax.pipeline.run import load_eval_rows, fresh_eval_rows
 
     config = args.run_dir / "config.json"
     if not config.is_file():
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--fresh {args.fresh}: give a number of questions per split (> 0)")
     try:
         rows = (fresh_eval_rows(cfg, args.fresh, args.data_seed) if args.fresh else
-                _eval_rows(cfg, args.run_dir / "data"))
+                load_eval_rows(cfg, args.run_dir / "data"))
     except ValueError as e:
         p.error(f"--data-seed: {e}")
     policies = Policies(args.run_dir / "base" / "model", cfg.eval["max_new_tokens"])

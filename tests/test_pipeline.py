@@ -135,7 +135,7 @@ def test_a_base_model_that_ignores_its_images_is_flagged(run_dir, tmp_path):
     from specs_jax.data.pair_sampling import Policies
     from specs_jax.pipeline.image_use import blind_base, image_use
     from specs_jax.pipeline.report import write_report
-    from specs_jax.pipeline.run import _eval_rows
+    from specs_jax.pipeline.run import load_eval_rows
 
     model = load_model(run_dir / "base" / "model")
     last = model.model.visual.merger.mlp[2]
@@ -145,7 +145,7 @@ def test_a_base_model_that_ignores_its_images_is_flagged(run_dir, tmp_path):
     shutil.copytree(run_dir / "base" / "model", blind, dirs_exist_ok=True,  # the processor files
                     ignore=shutil.ignore_patterns("model.safetensors", "config.json"))
     cfg = load_pipeline_config("configs/specs_tiny.yaml", MICRO)
-    use = image_use(Policies(blind, 80), {"base": blind}, _eval_rows(cfg, run_dir / "data"), cfg.system_prompt, 128)
+    use = image_use(Policies(blind, 80), {"base": blind}, load_eval_rows(cfg, run_dir / "data"), cfg.system_prompt, 128)
     for v in use["base"].values():
         assert v["real"] == v["blank"] and v["nll_real"] == pytest.approx(v["nll_blank"], abs=1e-6)
     assert "does not read its images" in blind_base(use)

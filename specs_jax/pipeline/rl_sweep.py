@@ -57,7 +57,7 @@ def sweep_rl(config: str | Path, overrides: Sequence[str], candidates: Sequence[
     and return (and write to ``out/sweep.json``) ``{"criterion", "base": {accuracy, format_rate}, "candidates":
     [{"overrides", "runs": {seed: {run: {accuracy, format_rate, fails}}}, "passes"}], "chosen": overrides or
     None}`` (``run``: ``grpo_zero``, ``grpo_continued``)."""
-    from specs_jax.pipeline.run import _eval_rows, _rl_stage, _stage, _timings, prepare_shared
+    from specs_jax.pipeline.run import load_eval_rows, _rl_stage, _stage, _timings, prepare_shared
     from specs_jax.data.pair_sampling import Policies
 
     if not candidates or not seeds:
@@ -70,7 +70,7 @@ def sweep_rl(config: str | Path, overrides: Sequence[str], candidates: Sequence[
     out = Path(out)
     cfg = load_pipeline_config(config, list(overrides))
     data, base = prepare_shared(cfg, out / "shared")
-    rows = {SPLIT: _eval_rows(cfg, data)[SPLIT]}
+    rows = {SPLIT: load_eval_rows(cfg, data)[SPLIT]}
     policies = Policies(base, cfg.eval.get("max_new_tokens", 256))
     base_eval = _greedy_eval(policies, base, rows, cfg, out / "shared" / "base_eval.json")
     result = {"criterion": f"{RL_CRITERION}: GRPO-zero from the base model and GRPO continued from GRPO-zero's "

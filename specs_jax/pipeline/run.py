@@ -35,7 +35,7 @@ from specs_jax.pipeline.config import PipelineConfig, stage_config
 from specs_jax.pipeline.image_use import image_use
 from specs_jax.training.logging import write_json_atomic
 
-__all__ = ["build_base", "run_pipeline"]
+__all__ = ["build_base", "fresh_eval_rows", "load_eval_rows", "run_pipeline"]
 
 EVAL_SPLITS = ("id_test", "ood_test")
 
@@ -282,7 +282,9 @@ def _eval_stage(cfg: PipelineConfig, seed: int, models: dict[str, Path], eval_ro
 # ---------------------------------------------------------------------------------- driver
 
 
-def _eval_rows(cfg: PipelineConfig, data: Path) -> dict:
+def load_eval_rows(cfg: PipelineConfig, data: Path) -> dict:
+    """The run's evaluation questions: ``{split: rows}`` from ``data/{split}.parquet`` (the data stage's
+    directory), the first ``eval.max_examples`` of each split."""
     from specs_jax.data.pipeline import load_rows
 
     limit = cfg.eval.get("max_examples", 0)
@@ -343,7 +345,7 @@ def run_seed(cfg: PipelineConfig, root: Path, seed: int, data: Path, base: Path)
     from specs_jax.data.pipeline import load_rows
 
     timings = _timings(root)
-    eval_rows = _eval_rows(cfg, data)
+    eval_rows = load_eval_rows(cfg, data)
     _stage(root, "grpo_zero", _rl_stage(cfg, "grpo_zero", seed, data, base), timings)
     grpo_zero = root / "grpo_zero" / "model"
     policies = Policies(base, _eval_config(cfg).max_new_tokens)
