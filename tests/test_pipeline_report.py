@@ -299,6 +299,13 @@ def test_write_ablation_report(tmp_path):
             cs = [_abl_numbers(v, i)[2][0] for i in range(3)]
             assert f"{np.mean(gfs):.3f} ± {np.std(gfs, ddof=1):.3f}" in text
             assert f"{np.mean(cs):.3f} ± {np.std(cs, ddof=1):.3f}" in text
+    _assert_png(root / "plots" / "ablation_gf.png")  # the GF curves: one row per variant and samples-seen point
+    assert "](plots/ablation_gf.png)" in text
+    for v in VARIANTS[1:]:
+        gfs = [_abl_numbers(v, i)[3] for i in range(3)]
+        assert f"| `{v}` | 0 | 0.300 ± 0.000 | 0.200 ± 0.000 | 0.000 ± 0.000 |" in text
+        assert f"| `{v}` | 32 | 0.400 ± 0.000 | 0.300 ± 0.000 | {np.mean(gfs):.3f} ± {np.std(gfs, ddof=1):.3f} |" in text
+    assert "| `none` | 0 |" not in text
     # findings: DPO best (dpo_lambda1, 0.70) vs SFT (0.60): 0.1 apart with std ~0.025 -> distinguishable;
     # SFT (0.60) vs none (0.50) as well; the ranking is computed from the means
     line = next(ln for ln in text.splitlines() if ln.startswith("- **final id_test accuracy**"))

@@ -8,7 +8,7 @@ Two entry points, called by :mod:`specs_jax.pipeline.run` after the stages:
   ``config.json``; writes ``report.md`` and ``plots/*.png``.
 - :func:`write_ablation_report` ``(run_dir, seeds, variants)``: ``run_dir/seed<s>/`` per seed with
   ``eval/final_<v>.json``, ``eval/cold_start_<v>.json`` and ``cold_start_<v>/gf.json`` per variant;
-  writes ``report.md`` (mean +- sample std over seeds) and ``plots/ablation.png``.
+  writes ``report.md`` (mean +- sample std over seeds), ``plots/ablation.png`` and ``plots/ablation_gf.png``.
 
 Every artefact is optional: a missing (or unreadable) one gives "not available" in its section,
 never an exception, so that a report is always written at the end of a long run. The numbers
@@ -578,8 +578,42 @@ def _ablation_plot(variants: Sequence[str], data: Mapping[str, Mapping[int, Mapp
     return _save(fig, plots / "ablation.png")
 
 
+def _gf_curve_points(run_dir: Path, seeds: Sequence[int], variant: str, single: bool) -> dict[int, dict]:
+    """``{samples seen: {"acc_id": [...], "acc_ood": [...], "gf": [...]}}`` (one value per seed that has the
+    point) from the variant's ``cold_start_<variant>/gf.json`` of every seed."""
+    points: dict[int, dict[str, list[float]]] = {}
+    for s in seeds:
+        curve = _read_json(_variant_file(run_dir / f"seed{s}", "cold_start", variant, single, suffix="") / "gf.json")
+        gf = gf_values(curve)
+        for i, n in enumerate((curve.get("samples_seen") or range(len(gf))) if gf else ()):
+            p = points.setdefault(int(n), {"acc_id": [], "acc_ood": [], "gf": []})
+            p["gf"].append(gf[i])
+            for key in ("acc_id", "acc_ood"):
+                if curve.get(key):
+                    p[key].append(float(curve[key][i]))
+    return dict(sorted(points.items()))
+
+
+def _ablation_gf_plot(curves: Mapping[str, Mapping[int, Mapping[str, list[float]]]], plots: Path) -> Path:
+    """ID accuracy, OOD accuracy and GF over the cold start, one line per variant (mean ± sample std over seeds)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, (key, title) in zip(axes, (("acc_id", "ID accuracy"), ("acc_ood", "OOD accuracy"), ("gf", "GF"))):
+        for variant, points in curves.items():
+            xs = [n for n, p in points.items() if p[key]]
+            stats = [mean_std(points[n][key]) for n in xs]
+            ax.errorbar(xs, [m for m, _, _ in stats], yerr=np.nan_to_num([sd for _, sd, _ in stats]), marker="o",
+                        capsize=3, label=variant)
+        ax.set_title(f"{title} over the cold start", fontsize=10)
+        ax.set_xlabel("cold-start samples seen")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    return _save(fig, plots / "ablation_gf.png")
+
+
 def write_ablation_report(run_dir: str | Path, seeds: Sequence[int], variants: Sequence[str]) -> Path:
-    """Write ``run_dir/report.md`` and ``run_dir/plots/ablation.png`` for a cold-start ablation over seeds
+    """Write ``run_dir/report.md``, ``run_dir/plots/ablation.png`` and ``ablation_gf.png`` (the cold starts' GF
+    curves) for a cold-start ablation over seeds
     (``run_dir/seed<s>/``, one cold start and final GRPO per variant); returns the report path."""
     run_dir = Path(run_dir)
     plots = run_dir / "plots"
@@ -678,6 +712,21 @@ def write_ablation_report(run_dir: str | Path, seeds: Sequence[int], variants: S
         return lines
 
     out += _guard("Cold start", cold_table)
+
+    def gf_curves() -> list[str]:
+        curves = {v: _gf_curve_points(run_dir, seeds, v, single) for v in variants if kinds[v] != "none"}
+        curves = {v: c for v, c in curves.items() if c}
+        if not curves:
+            return [f"Cold-start GF curves (seed*/cold_start_<variant>/gf.json): {NA}.", ""]
+        rows = [[f"`{v}`", n] + [fmt_mean_std(p[k], len(seeds)) for k in ("acc_id", "acc_ood", "gf")]
+                for v, points in curves.items() for n, p in points.items()]
+        return ["### Cold-start GF curves", "",
+                "The cold start's checkpoints, greedy accuracy and GF (gains over the model it starts from), mean ± "
+                "sample std over seeds:", "",
+                _table(["variant", "samples seen", "ID accuracy", "OOD accuracy", "GF"], rows), "",
+                _image("GF curves", _ablation_gf_plot(curves, plots)), ""]
+
+    out += _guard("GF curves", gf_curves)
 
     def per_seed() -> list[str]:
         cols = [f"final/{s}/accuracy" for s in splits] + [f"final/{s}/format_rate" for s in splits] + ["gf_end"]
