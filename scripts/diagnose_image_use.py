@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     from specs_jax.data.pair_sampling import Policies
     from specs_jax.pipeline.config import load_pipeline_config
     from specs_jax.pipeline.image_use import blind_base, image_use
-    from specs_jax.pipeline.run import load_eval_rows, fresh_eval_rows
+    from specs_jax.pipeline.run import fresh_eval_rows, load_eval_rows
 
     config = args.run_dir / "config.json"
     if not config.is_file():

@@ -57,7 +57,7 @@ def sweep_rl(config: str | Path, overrides: Sequence[str], candidates: Sequence[
     and return (and write to ``out/sweep.json``) ``{"criterion", "base": {accuracy, format_rate}, "candidates":
     [{"overrides", "runs": {seed: {run: {accuracy, format_rate, fails}}}, "passes"}], "chosen": overrides or
     None}`` (``run``: ``grpo_zero``, ``grpo_continued``)."""
-    from specs_jax.pipeline.run import load_eval_rows, _rl_stage, _stage, _timings, prepare_shared
+    from specs_jax.pipeline.run import _rl_stage, _stage, _timings, load_eval_rows, prepare_shared
     from specs_jax.data.pair_sampling import Policies
 
     if not candidates or not seeds:
@@ -91,8 +91,7 @@ def sweep_rl(config: str | Path, overrides: Sequence[str], candidates: Sequence[
                 runs[str(seed)][run] = {"accuracy": eval_metric(evals[run], SPLIT, "accuracy"),
                                         "format_rate": eval_metric(evals[run], SPLIT, "format_rate"),
                                         "fails": rl_collapse(evals, run, start, SPLIT)}
-                print(f"[sweep] {' '.join(cand) or '(config)'} seed {seed} {run}: {_verdict(runs[str(seed)][run])}",
-                      flush=True)
+                print(f"[sweep] {_run_line(cand, seed, run, runs[str(seed)][run])}", flush=True)
         passes = all(r["fails"] is None for by_run in runs.values() for r in by_run.values())
         result["candidates"].append({"overrides": list(cand), "runs": runs, "passes": passes})
         if passes and result["chosen"] is None:
@@ -101,9 +100,10 @@ def sweep_rl(config: str | Path, overrides: Sequence[str], candidates: Sequence[
     return result
 
 
-def _verdict(run: dict) -> str:
-    return (f"{SPLIT} accuracy {run['accuracy']:.3f}, format rate {run['format_rate']:.3f}: "
-            + (f"fails ({run['fails']})" if run["fails"] else "passes"))
+def _run_line(candidate: Sequence[str], seed, run: str, r: dict) -> str:
+    """One RL run of the sweep and its verdict, as printed and as :func:`sweep_table` lists it."""
+    return (f"{' '.join(candidate) or '(config)'}  seed {seed} {run}: {SPLIT} accuracy {r['accuracy']:.3f}, "
+            f"format rate {r['format_rate']:.3f}: " + (f"fails ({r['fails']})" if r["fails"] else "passes"))
 
 
 def sweep_table(result: dict) -> list[str]:
@@ -112,9 +112,8 @@ def sweep_table(result: dict) -> list[str]:
     lines = [f"criterion: {result['criterion']}",
              f"base model: {SPLIT} accuracy {base['accuracy']:.3f}, format rate {base['format_rate']:.3f}"]
     for c in result["candidates"]:
-        name = " ".join(c["overrides"]) or "(config)"
         for seed, by_run in c["runs"].items():
-            lines += [f"{name}  seed {seed} {run}: {_verdict(r)}" for run, r in by_run.items()]
+            lines += [_run_line(c["overrides"], seed, run, r) for run, r in by_run.items()]
     chosen = result["chosen"]
     lines.append("chosen: " + (" ".join(chosen) or "(config)" if chosen is not None else
                                "none: no candidate passes on every seed"))
