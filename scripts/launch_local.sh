@@ -8,16 +8,18 @@
 # N processes form one N x DEVICES device job with gloo collectives, exactly as N hosts of a pod would.
 # Process I writes its output to LOGDIR/process_I.log (default runs/launch_local); process 0's is also shown.
 # If any process fails, the others are stopped and the script exits with that process's status.
+# PJRT_NPROC (default 4 x DEVICES) sizes XLA:CPU's thread pool: a collective blocks a pool thread until every
+# local device joins it, so a pool no larger than the device count can deadlock on two independent collectives.
 set -uo pipefail
 if [ $# -lt 2 ]; then
-  sed -n '2,11p' "$0"; exit 2
+  sed -n '2,12p' "$0"; exit 2
 fi
 N=$1; shift
 DEVICES=${DEVICES:-4}; PORT=${PORT:-12345}; LOGDIR=${LOGDIR:-runs/launch_local}
 mkdir -p "$LOGDIR"
 pids=()
 for ((i = 0; i < N; i++)); do
-  XLA_FLAGS="--xla_force_host_platform_device_count=$DEVICES" JAX_PLATFORMS=cpu \
+  XLA_FLAGS="--xla_force_host_platform_device_count=$DEVICES" JAX_PLATFORMS=cpu PJRT_NPROC=${PJRT_NPROC:-$((4 * DEVICES))} \
     "$@" mesh.coordinator_address="127.0.0.1:$PORT" mesh.num_processes="$N" mesh.process_id="$i" \
     > "$LOGDIR/process_$i.log" 2>&1 &
   pids+=($!)
