@@ -12,7 +12,8 @@ GPU). Then the temporary memory of the compiled forward+backward at ``--mem-batc
 (default 2 x 2048; compiled only, never run) is printed per backend, from XLA's memory analysis: for the
 step as timed, with the trainer's chunked log-probs, with the long-sequence configs' ``model.remat=full``
 (then the saved activations are the layer inputs and one layer's recomputation is what remains, so the
-attention's share shows), and for one layer's attention alone.
+attention's share shows), the same with the sequence-tiled MLP (``--mlp-tile``, ``model.mlp_tile``: that
+layer's MLP activations for one tile of positions at a time), and for one layer's attention alone.
 The last line is the speed ratio of the machine's default backend (``model.attention=auto``).
 ``--profile`` also traces a few steps of that backend (``jax.profiler``) and prints where the time goes: the
 share of XLA's operations by kind (matmuls, layout copies/transposes, ...) and the costliest operations with
@@ -176,16 +177,16 @@ def profile_lines(profile: dict) -> list[str]:
     return lines
 
 
-def temp_memory(path, ids, pixels, grid, attention, chunked: bool, remat: str = "none") -> int:
+def temp_memory(path, ids, pixels, grid, attention, chunked: bool, remat: str = "none", mlp_tile: int = 0) -> int:
     """Bytes of XLA temporaries of the compiled forward+backward step (compiled, not run); ``remat``: the
-    model's rematerialisation policy of its scanned layers."""
+    model's rematerialisation policy of its scanned layers; ``mlp_tile``: its sequence-tiled MLP."""
     import jax
     from flax import nnx
 
     import specs_jax
     from specs_jax.model import prepare_inputs
 
-    model = specs_jax.load_model(path, attention=attention, remat=remat)
+    model = specs_jax.load_model(path, attention=attention, remat=remat, mlp_tile=mlp_tile)
     inputs = prepare_inputs(model.config, ids, None, pixels, grid)
     step = make_step(jax.numpy.asarray(ids[:, 1:]), chunked)
     graphdef, state = nnx.split(model)
@@ -256,6 +257,8 @@ def main() -> None:
                         "machine's default)")
     p.add_argument("--mem-batch", type=int, default=2)
     p.add_argument("--mem-seq", type=int, default=2048, help="0: skip the memory comparison")
+    p.add_argument("--mlp-tile", type=int, default=512,
+                   help="model.mlp_tile of the last whole-step memory line (default: %(default)s)")
     p.add_argument("--profile", action="store_true",
                    help="also print where the default backend's step spends its time (jax.profiler trace)")
     args = p.parse_args()
@@ -298,6 +301,9 @@ def main() -> None:
                  lambda a: temp_memory(path, m_ids, m_pixels, m_grid, a, chunked=True)),
                 ("model step, chunked log-probs, remat=full (as configs/*_7b.yaml train)",
                  lambda a: temp_memory(path, m_ids, m_pixels, m_grid, a, chunked=True, remat="full")),
+                (f"model step, chunked log-probs, remat=full, mlp_tile={args.mlp_tile}",
+                 lambda a: temp_memory(path, m_ids, m_pixels, m_grid, a, chunked=True, remat="full",
+                                       mlp_tile=args.mlp_tile)),
                 ("one decoder layer's attention",
                  lambda a: attention_temp_memory(cfg, args.mem_batch, args.mem_seq, a))):
             temps = {a: measure(a) for a in ("xla", "blockwise")}

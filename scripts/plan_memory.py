@@ -159,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--remat", default="full", choices=("full", "dots", "none"),
                    help="rematerialisation of the scanned layers: full (keep only layer inputs), dots (also "
                         "keep matmul outputs), none (keep everything) (default: %(default)s)")
+    p.add_argument("--mlp-tile", type=int, default=0,
+                   help="model.mlp_tile: the decoder MLP over tiles of this many positions, each rematerialised "
+                        "(its [rows, T, intermediate] activations for one tile at a time); 0 = off "
+                        "(default: %(default)s)")
     p.add_argument("--attention", default="blockwise", choices=ATTENTION_CHOICES,
                    help="attention backend (model.attention): xla (the dense-mask reference: materialises "
                         "[rows, heads, T, T] scores per layer), blockwise (pure-JAX flash attention, O(T) memory), "
@@ -344,7 +348,7 @@ def make_plan(args, mesh_sizes: dict[str, int]) -> dict:
 
     t0 = time.perf_counter()
     cfg = load_preset(args.preset, dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat,
-                      attention=args.attention)
+                      attention=args.attention, mlp_tile=args.mlp_tile)
     if args.image_patches and args.image_patches % cfg.vision.spatial_merge_size**2:
         raise SystemExit(f"--image-patches must be a multiple of spatial_merge_size**2 = "
                          f"{cfg.vision.spatial_merge_size**2}")
@@ -419,7 +423,8 @@ def make_plan(args, mesh_sizes: dict[str, int]) -> dict:
         "seq_len": args.seq_len, "batch": args.batch, "grad_accum": args.grad_accum,
         "rows_per_device": args.batch // (mesh_sizes["data"] * mesh_sizes["fsdp"]),
         "tokens_per_step": tokens, "dtype": args.dtype, "param_dtype": args.param_dtype, "remat": args.remat,
-        "freeze_vision": args.freeze_vision, "image_patches": args.image_patches, "kl_coef": args.kl_coef,
+        "mlp_tile": args.mlp_tile, "freeze_vision": args.freeze_vision, "image_patches": args.image_patches,
+        "kl_coef": args.kl_coef,
         "attention": args.attention, "attention_note": ATTENTION_NOTES[args.attention],
         "param_count": n_params, "trained_param_count": n_trained,
         **{f"{k}_bytes": v for k, v in parts.items()},
@@ -441,6 +446,8 @@ def print_plan(p: dict) -> None:
 
     mesh = ",".join(f"{k}={v}" for k, v in p["mesh"].items())
     extras = [f"remat={p['remat']}", f"dtype={p['dtype']}", f"param_dtype={p['param_dtype']}"]
+    if p["mlp_tile"]:
+        extras.append(f"mlp_tile={p['mlp_tile']}")
     if p["freeze_vision"]:
         extras.append("vision frozen")
     if p["image_patches"]:
@@ -507,7 +514,7 @@ def config_defaults(path: str) -> dict:
         raise ValueError(f"{rows} rollout rows are not divisible by optim.grad_accum_steps={accum}")
     return {"batch": rows // accum, "grad_accum": accum, "seq_len": cfg.train.max_length + cfg.rl.max_new_tokens,
             "dtype": cfg.model.dtype, "param_dtype": cfg.model.param_dtype, "remat": cfg.model.remat,
-            "freeze_vision": cfg.model.freeze_vision, "run_config": cfg}
+            "mlp_tile": cfg.model.mlp_tile, "freeze_vision": cfg.model.freeze_vision, "run_config": cfg}
 
 
 def with_rollout_plan(plan: dict, args) -> dict:
@@ -523,7 +530,7 @@ def with_rollout_plan(plan: dict, args) -> dict:
 
     run = getattr(args, "run_config", None) or RunConfig()
     cfg = load_preset(args.preset, dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat,
-                      attention=args.attention)
+                      attention=args.attention, mlp_tile=args.mlp_tile)
     model = nnx.eval_shape(lambda: Qwen2_5_VLForConditionalGeneration(cfg, rngs=nnx.Rngs(0)))
     param_bytes = rollout_param_bytes(nnx.state(model, nnx.Param), cfg.dtype)  # the copy in the compute dtype
     resident = sum(plan[f"{k}_bytes"] for k in ("params", "frozen_params", "optimizer_state", "reference_params"))

@@ -139,6 +139,17 @@ def test_fp32_master_weights_with_bf16_compute(hf_model_dir):
     assert max_diff(model(ids), hf_logits(hf, ids)) <= BF16_TOL
 
 
+def test_sequence_tiled_mlp_matches_transformers(hf_model_dir):
+    """mlp_tile=4 over rows of 11 tokens (three tiles, the last one padded), with an image."""
+    path, hf = hf_model_dir
+    model = specs_jax.load_model(path, mlp_tile=4)
+    grids = [(1, 8, 12)]
+    ids = np.array([image_row(grids, [[5, 6], [7, 8, 9]])])
+    pix = pixels(grids)
+    diff = max_diff(model(ids, pixel_values=pix, image_grid_thw=np.array(grids)), hf_logits(hf, ids, None, pix, grids))
+    assert diff <= FP32_TOL
+
+
 def test_layers_are_scanned_so_program_size_does_not_grow_with_depth():
     from flax import nnx
 

@@ -113,7 +113,7 @@ def test_help_explains_options():
                          check=False)
     assert out.returncode == 0
     for option in ("--mesh", "--stage", "--seq-len", "--batch", "--grad-accum", "--dtype", "--param-dtype",
-                   "--remat", "--freeze-vision", "--image-patches", "--kl-coef", "--budget-gib", "--json", "FITS",
+                   "--remat", "--mlp-tile", "--freeze-vision", "--image-patches", "--kl-coef", "--budget-gib", "--json", "FITS",
                    "--attention", "interpret mode"):
         assert option in out.stdout, option
 

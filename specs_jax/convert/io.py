@@ -199,14 +199,14 @@ def _build(cfg: ModelConfig, params: dict[str, np.ndarray]) -> Qwen2_5_VLForCond
 
 def load_model(path: str | os.PathLike, dtype: str = "float32", *, param_dtype: str | None = None,
                remat: str = "none", step: int | str | None = None,
-               attention: str = "auto") -> Qwen2_5_VLForConditionalGeneration:
+               attention: str = "auto", mlp_tile: int = 0) -> Qwen2_5_VLForConditionalGeneration:
     """Load Qwen2.5-VL from an HF directory (config.json + safetensors, sharded or not), an Orbax
     checkpoint directory written by this project, or a training checkpoint: ``RUN/checkpoints/STEP``,
     or ``RUN`` with ``step`` = ``"latest"``, ``"best"`` or N (:mod:`specs_jax.convert.training`).
 
     ``dtype`` is the compute dtype; ``param_dtype`` (default: ``dtype``) the parameters' dtype;
     ``attention`` the attention backend (``auto | xla | splash | cudnn | blockwise``, see
-    :mod:`specs_jax.model.attention`).
+    :mod:`specs_jax.model.attention`); ``remat`` and ``mlp_tile`` as in :class:`specs_jax.model.config.ModelConfig`.
     """
     local = Path(path)
     is_model_dir = "://" not in os.fspath(path) and (_is_orbax_dir(local) or _is_hf_dir(local))
@@ -217,13 +217,13 @@ def load_model(path: str | os.PathLike, dtype: str = "float32", *, param_dtype: 
 
         if step is not None or is_training_reference(path):
             return load_training_model(path, step, dtype=dtype, param_dtype=param_dtype, remat=remat,
-                                           attention=attention)
+                                       attention=attention, mlp_tile=mlp_tile)
         if (local / "config.json").is_file():
             load_config(local)  # a config of another architecture is the clearer error
         raise FileNotFoundError(f"{path}: neither an HF model directory (model.safetensors[.index.json]), "
                                 f"a specs-jax Orbax checkpoint (specs_jax.json + params/), nor a training "
                                 f"checkpoint (RUN/checkpoints/STEP, or RUN with a step)")
-    cfg = load_config(local, dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention)
+    cfg = load_config(local, dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention, mlp_tile=mlp_tile)
     if _is_orbax_dir(local):
         params = restore_orbax_params(local, cfg)
         check_tensors(cfg, {n: s for k, v in params.items() for n, s in hf_names(k, v.shape)})

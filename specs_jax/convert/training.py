@@ -351,12 +351,13 @@ def load_training_params(ref: TrainingCheckpoint, cfg: ModelConfig, where: str) 
 
 def load_training_model(path: str | os.PathLike, step: int | str | None = None, *, dtype: str = "float32",
                         param_dtype: str | None = None, remat: str = "none", attention: str = "auto",
-                        model: str | os.PathLike | ModelConfig | None = None):
+                        mlp_tile: int = 0, model: str | os.PathLike | ModelConfig | None = None):
     """The model of one step of a run (see :func:`resolve` for ``path`` and ``step``)."""
     from specs_jax.convert.io import _build
 
     ref = resolve(path, step)
-    cfg, where, _ = _model_source(ref, model, dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention)
+    cfg, where, _ = _model_source(ref, model, dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention,
+                                  mlp_tile=mlp_tile)
     return _build(cfg, load_training_params(ref, cfg, where))
 
 

@@ -77,6 +77,9 @@ class ModelConfig:
     matmul outputs without batch dimensions). ``attention`` is the attention backend of
     :mod:`specs_jax.model.attention`: ``auto`` (splash on TPU, cudnn on GPU, blockwise
     elsewhere), ``xla`` (the dense-mask reference), ``splash``, ``cudnn`` or ``blockwise``.
+    ``mlp_tile`` (0: off) runs the decoder's MLP over tiles of that many positions, each under
+    ``jax.checkpoint`` (:func:`specs_jax.model.layers.sequence_tiled`): its ``[B, T, intermediate]``
+    activations exist for one tile at a time, for one more MLP forward (long sequences).
     """
 
     vision: VisionConfig
@@ -91,6 +94,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: str = "none"
     attention: str = "auto"
+    mlp_tile: int = 0
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -116,7 +120,7 @@ def _required(d: dict[str, Any], key: str, where: str, *fallbacks: dict[str, Any
 
 
 def from_hf_dict(hf: dict[str, Any], *, dtype: str = "float32", param_dtype: str | None = None,
-                 remat: str = "none", attention: str = "auto") -> ModelConfig:
+                 remat: str = "none", attention: str = "auto", mlp_tile: int = 0) -> ModelConfig:
     """Parse an HF ``Qwen2_5_VLConfig`` dict (flat or nested layout) into a :class:`ModelConfig`."""
     model_type = hf.get("model_type")
     archs = hf.get("architectures") or []
@@ -132,6 +136,8 @@ def from_hf_dict(hf: dict[str, Any], *, dtype: str = "float32", param_dtype: str
         raise ConfigError(f"remat={remat!r} is not one of {REMAT_POLICIES}")
     if attention not in ATTENTION_BACKENDS:
         raise ConfigError(f"attention={attention!r} is not one of {ATTENTION_BACKENDS}")
+    if not isinstance(mlp_tile, int) or mlp_tile < 0:
+        raise ConfigError(f"mlp_tile={mlp_tile!r} must be an integer >= 0 (0: the MLP is not tiled)")
 
     text = dict(hf.get("text_config") or {})
     vis = dict(hf.get("vision_config") or {})
@@ -194,6 +200,7 @@ def from_hf_dict(hf: dict[str, Any], *, dtype: str = "float32", param_dtype: str
         param_dtype=param_dtype or dtype,
         remat=remat,
         attention=attention,
+        mlp_tile=mlp_tile,
     )
 
 

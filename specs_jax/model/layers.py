@@ -87,19 +87,40 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
 
 
 class GatedMLP(nnx.Module):
-    """SwiGLU: ``down(act(gate(x)) * up(x))``."""
+    """SwiGLU: ``down(act(gate(x)) * up(x))``; with ``tile > 0``, over tiles of ``tile`` positions of a
+    ``[B, T, H]`` input (:func:`sequence_tiled`), so its ``[B, tile, hidden]`` intermediates are all that
+    exists of them at a time, in the forward and in the backward."""
 
     def __init__(self, dim: int, hidden: int, *, act: str, use_bias: bool, axes: tuple[str, str],
-                 dtype, param_dtype, rngs: nnx.Rngs, stack: int | None = None):
+                 dtype, param_dtype, rngs: nnx.Rngs, stack: int | None = None, tile: int = 0):
         embed, mlp = axes
         kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs, stack=stack)
         self.gate_proj = Linear(dim, hidden, axes=(mlp, embed), **kw)
         self.up_proj = Linear(dim, hidden, axes=(mlp, embed), **kw)
         self.down_proj = Linear(hidden, dim, axes=(embed, mlp), **kw)
         self.act = act
+        self.tile = tile
+
+    def _apply(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(activation(self.act)(self.gate_proj(x)) * self.up_proj(x))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(activation(self.act)(self.gate_proj(x)) * self.up_proj(x))
+        if self.tile and x.ndim == 3 and x.shape[1] > self.tile:
+            return sequence_tiled(self._apply, x, self.tile)
+        return self._apply(x)
+
+
+def sequence_tiled(fn: Callable[[jax.Array], jax.Array], x: jax.Array, tile: int) -> jax.Array:
+    """``fn(x)`` for a position-wise ``fn`` (``[B, t, H] -> [B, t, H']`` row by row), computed over tiles of
+    ``tile`` positions of ``x [B, T, H]`` (T zero-padded to a multiple, the padding dropped) under ``lax.map``,
+    each tile under ``jax.checkpoint``: ``fn``'s intermediates exist for one tile at a time, and the backward
+    recomputes them tile by tile (one more forward of ``fn``; the sequence-tiled MLP of long-sequence
+    training). Returns ``[B, T, H']``."""
+    b, t, h = x.shape
+    pad = -t % tile
+    tiles = jnp.pad(x, ((0, 0), (0, pad), (0, 0))).reshape(b, (t + pad) // tile, tile, h)
+    ys = jax.lax.map(jax.checkpoint(fn), jnp.moveaxis(tiles, 1, 0))  # [n, B, tile, H']
+    return jnp.moveaxis(ys, 0, 1).reshape(b, t + pad, ys.shape[-1])[:, :t]
 
 
 def rotate_half(x: jax.Array) -> jax.Array:

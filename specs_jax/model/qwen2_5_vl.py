@@ -279,7 +279,8 @@ class DecoderLayer(nnx.Module):
         dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
         self.self_attn = Attention(cfg, rngs=rngs, stack=stack)
         self.mlp = GatedMLP(t.hidden_size, t.intermediate_size, act=t.hidden_act, use_bias=False,
-                            axes=("embed", "mlp"), dtype=dt, param_dtype=pdt, rngs=rngs, stack=stack)
+                            axes=("embed", "mlp"), dtype=dt, param_dtype=pdt, rngs=rngs, stack=stack,
+                            tile=cfg.mlp_tile)
         self.input_layernorm = RMSNorm(t.hidden_size, eps=t.rms_norm_eps, axis="embed", dtype=dt, param_dtype=pdt,
                                        stack=stack)
         self.post_attention_layernorm = RMSNorm(t.hidden_size, eps=t.rms_norm_eps, axis="embed", dtype=dt,

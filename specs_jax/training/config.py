@@ -45,6 +45,7 @@ class ModelSection:
     param_dtype: str = "float32"
     remat: str = "none"
     attention: str = "auto"  # auto | xla | splash | cudnn | blockwise (specs_jax.model.attention)
+    mlp_tile: int = 0  # > 0: the decoder MLP over tiles of this many positions, each rematerialised
     freeze_vision: bool = False
     reference: str = "batch"  # DPO reference log-probs: "batch" (frozen copy, per batch) | "precomputed"
 
@@ -213,7 +214,7 @@ POSITIVE = ("train.steps", "train.batch_size", "train.max_length", "train.log_ev
             "checkpoint.keep_last_n", "data.eval_batches", "rl.group_size", "rl.max_new_tokens",
             "rl.num_iterations", "eval.num_samples", "eval.max_new_tokens", "eval.batch_size")
 NON_NEGATIVE = ("optim.warmup_steps", "train.eval_every", "checkpoint.every", "data.num_batches",
-                "rl.temperature", "rl.top_k", "eval.max_examples", "eval.temperature")
+                "rl.temperature", "rl.top_k", "eval.max_examples", "eval.temperature", "model.mlp_tile")
 
 
 def validate(cfg: RunConfig) -> None:
