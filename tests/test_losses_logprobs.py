@@ -36,21 +36,21 @@ def test_token_logps_negative_labels_read_token_zero():
     np.testing.assert_allclose(out, [[expected[0, 0, 0], expected[0, 1, 2], expected[0, 2, 0]]], rtol=1e-6)
 
 
-# remainder chunk, exact split, a single chunk larger than V; token blocks: 10 tokens in a padded 3-token
-# last block, in two exact blocks, in one block larger than the 10 tokens
-@pytest.mark.parametrize(("chunk_size", "temperature", "token_chunk"),
-                         [(128, 1.0, 3), (250, 0.6, 5), (4096, 0.6, 64), (128, 0.6, 64)])
-def test_chunked_matches_plain_values_and_gradients(chunk_size, temperature, token_chunk):
+# remainder chunk, exact split, a single chunk larger than V; sequence blocks: 5 positions in blocks of 2 (the
+# last one padded), in one exact block, in one block longer than the rows
+@pytest.mark.parametrize(("chunk_size", "temperature", "seq_chunk"),
+                         [(128, 1.0, 2), (250, 0.6, 5), (4096, 0.6, 64), (128, 0.6, 1)])
+def test_chunked_matches_plain_values_and_gradients(chunk_size, temperature, seq_chunk):
     hidden, weight, labels, cot = _inputs(2)
 
     def plain(h, w):
         return jnp.sum(cot * token_logps(jnp.einsum("bth,vh->btv", h, w), labels, temperature))
 
     def chunked(h, w):
-        return jnp.sum(cot * token_logps_from_hidden(h, w, labels, temperature, chunk_size, token_chunk))
+        return jnp.sum(cot * token_logps_from_hidden(h, w, labels, temperature, chunk_size, seq_chunk))
 
     np.testing.assert_allclose(
-        token_logps_from_hidden(hidden, weight, labels, temperature, chunk_size, token_chunk),
+        token_logps_from_hidden(hidden, weight, labels, temperature, chunk_size, seq_chunk),
         token_logps(jnp.einsum("bth,vh->btv", hidden, weight), labels, temperature),
         rtol=1e-5,
         atol=1e-5,

@@ -21,7 +21,7 @@ def test_losses_on_sharded_batch_match_unsharded():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"devices={N_DEVICES}" in proc.stdout
     for name in ("dpo_hybrid", "dpo_hybrid-ipo", "grpo", "dr_grpo", "gspo", "cispo", "opsd", "vigos",
-                 "token_logps_from_hidden"):
+                 "token_logps_from_hidden", "token_logps_from_hidden-blocks", "no activation gathered"):
         assert f"ok {name}" in proc.stdout, proc.stdout
 
 
@@ -69,6 +69,10 @@ def _main() -> None:
             lambda x: jnp.sum(token_logps_from_hidden(x, weight, index, chunk_size=4) * mask),
             hidden,
         ),
+        "token_logps_from_hidden-blocks": (  # 5 positions in blocks of 2 (the last one padded)
+            lambda x: jnp.sum(token_logps_from_hidden(x, weight, index, chunk_size=4, seq_chunk=2) * mask),
+            hidden,
+        ),
     }
     for name, (fn, x) in cases.items():
         step = jax.jit(jax.value_and_grad(fn))
@@ -80,6 +84,15 @@ def _main() -> None:
         np.testing.assert_allclose(value_s, value, rtol=1e-5, err_msg=name)
         np.testing.assert_allclose(grad_s, grad, rtol=1e-5, atol=1e-6, err_msg=name)  # fp32 sums in another order across shards
         print(f"ok {name}")
+    # the sequence blocks keep the rows sharded: no device gathers the hidden states (or a block of them)
+    import re
+
+    step = jax.jit(jax.grad(cases["token_logps_from_hidden-blocks"][0]))
+    hlo = step.lower(jax.device_put(hidden, NamedSharding(mesh, P("data")))).compile().as_text()
+    gathered = [shape for shape in re.findall(r"= \w+\[([\d,]*)\][^ ]* all-gather", hlo)
+                if np.prod([int(d) for d in shape.split(",") if d]) >= hidden.size // N_DEVICES * 2]
+    assert not gathered, gathered
+    print("ok no activation gathered")
 
 
 if __name__ == "__main__":

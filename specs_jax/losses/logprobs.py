@@ -6,7 +6,7 @@ them: position ``t`` scores token ``t + 1`` of the sequence). Negative labels (H
 ignore index) are looked up as token 0; the losses mask those positions out.
 
 :func:`token_logps_from_hidden` fuses the lm-head matmul with the log-softmax and walks the
-tokens in blocks and the vocabulary in chunks with an online logsumexp, so the ``[B, T, V]`` logits (V = 151,936 for
+sequence in blocks and the vocabulary in chunks with an online logsumexp, so the ``[B, T, V]`` logits (V = 151,936 for
 Qwen2.5-VL) are never materialised, neither in the forward nor in the backward pass.
 """
 
@@ -83,49 +83,51 @@ def _logsumexp_chunked(h: jax.Array, w: jax.Array, temperature: float, chunk_siz
     return m + jnp.log(s)
 
 
-def _token_blocks(x: jax.Array, token_chunk: int) -> jax.Array:
-    """``[N, ...] -> [ceil(N / c), c, ...]`` with ``c = min(token_chunk, N)``, the last block zero-padded."""
-    c = min(token_chunk, x.shape[0])
-    pad = -x.shape[0] % c
-    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
-    return x.reshape(-1, c, *x.shape[1:])
+def _sequence_blocks(x: jax.Array, seq_chunk: int) -> jax.Array:
+    """``[B, T, ...] -> [nb, B * c, ...]``: block ``j`` holds positions ``[j c, (j + 1) c)`` of every row,
+    ``c = min(seq_chunk, T)``, T zero-padded to ``nb c``. The rows stay the leading axis within a block, so a
+    batch sharded over rows stays sharded the same way in every block."""
+    b, t = x.shape[:2]
+    c = min(seq_chunk, t)
+    pad = -t % c
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    x = x.reshape(b, (t + pad) // c, c, *x.shape[2:])
+    return jnp.moveaxis(x, 1, 0).reshape((t + pad) // c, b * c, *x.shape[3:])
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _flat_token_logps(h: jax.Array, w: jax.Array, labels: jax.Array, temperature: float, chunk_size: int,
-                      token_chunk: int) -> jax.Array:
-    return _flat_token_logps_fwd(h, w, labels, temperature, chunk_size, token_chunk)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _blocked_token_logps(h: jax.Array, w: jax.Array, labels: jax.Array, temperature: float,
+                         chunk_size: int) -> jax.Array:
+    """``[nb, M]`` log-probs of the token blocks ``h [nb, M, H]``, ``labels [nb, M]``."""
+    return _blocked_token_logps_fwd(h, w, labels, temperature, chunk_size)[0]
 
 
-def _flat_token_logps_fwd(
-    h: jax.Array, w: jax.Array, labels: jax.Array, temperature: float, chunk_size: int, token_chunk: int
+def _blocked_token_logps_fwd(
+    h: jax.Array, w: jax.Array, labels: jax.Array, temperature: float, chunk_size: int
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array, jax.Array]]:
     label_z = jnp.sum(h.astype(jnp.float32) * jnp.take(w, labels, axis=0).astype(jnp.float32), axis=-1) / temperature
-    lse = jax.lax.map(lambda hb: _logsumexp_chunked(hb, w, temperature, chunk_size), _token_blocks(h, token_chunk))
-    lse = lse.reshape(-1)[: h.shape[0]]
+    lse = jax.lax.map(lambda hb: _logsumexp_chunked(hb, w, temperature, chunk_size), h)
     return label_z - lse, (h, w, labels, lse)
 
 
-def _flat_token_logps_bwd(
+def _blocked_token_logps_bwd(
     temperature: float,
     chunk_size: int,
-    token_chunk: int,
     res: tuple[jax.Array, jax.Array, jax.Array, jax.Array],
     g: jax.Array,
 ) -> tuple[jax.Array, jax.Array, None]:
-    # d out_n / d z_nv = onehot(label_n)_v - softmax(z_n)_v, and z = h w^T / temperature. Token blocks of
-    # ``token_chunk`` rows, each walking the vocabulary chunks: only [token_chunk, chunk] logits exist at a time;
-    # padded rows have g = 0 and contribute nothing.
+    # d out_n / d z_nv = onehot(label_n)_v - softmax(z_n)_v, and z = h w^T / temperature. Block by block, each
+    # walking the vocabulary chunks: only [M, chunk] logits exist at a time; padded positions have g = 0.
     h, w, labels, lse = res
     gs = g.astype(jnp.float32) / temperature
     chunk, n_full, rem = _vocab_chunks(w.shape[0], chunk_size)
 
-    def token_block(dw: jax.Array, block: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        hb, gb, lseb = block
+    def block_grads(dw: jax.Array, block: tuple[jax.Array, ...]) -> tuple[jax.Array, jax.Array]:
+        hb, gb, lseb, lb = block
         hb32 = hb.astype(jnp.float32)
 
         def chunk_grads(dh, dw, start, w_chunk):
-            q = gb[:, None] * jnp.exp(_logits_chunk(hb, w_chunk, temperature) - lseb[:, None])  # [c, C]
+            q = gb[:, None] * jnp.exp(_logits_chunk(hb, w_chunk, temperature) - lseb[:, None])  # [M, C]
             dw_chunk = jax.lax.dynamic_slice_in_dim(dw, start, w_chunk.shape[0], axis=0) - jnp.dot(q.T, hb32)
             return dh - jnp.dot(q, w_chunk.astype(jnp.float32)), jax.lax.dynamic_update_slice_in_dim(
                 dw, dw_chunk, start, axis=0)
@@ -133,19 +135,17 @@ def _flat_token_logps_bwd(
         def body(j, carry):
             return chunk_grads(*carry, j * chunk, jax.lax.dynamic_slice_in_dim(w, j * chunk, chunk, axis=0))
 
-        dh, dw = jax.lax.fori_loop(0, n_full, body, (jnp.zeros(hb.shape, jnp.float32), dw))
+        dh = gb[:, None] * jnp.take(w, lb, axis=0).astype(jnp.float32)  # the label term, then the softmax's
+        dh, dw = jax.lax.fori_loop(0, n_full, body, (dh, dw.at[lb].add(gb[:, None] * hb32)))
         if rem:
             dh, dw = chunk_grads(dh, dw, n_full * chunk, w[n_full * chunk :])
-        return dw, dh
+        return dw, dh.astype(h.dtype)
 
-    blocks = tuple(_token_blocks(x, token_chunk) for x in (h, gs, lse))
-    dw, dh = jax.lax.scan(token_block, jnp.zeros(w.shape, jnp.float32), blocks)
-    dh = dh.reshape(-1, h.shape[-1])[: h.shape[0]] + gs[:, None] * jnp.take(w, labels, axis=0).astype(jnp.float32)
-    dw = dw.at[labels].add(gs[:, None] * h.astype(jnp.float32))
-    return dh.astype(h.dtype), dw.astype(w.dtype), None
+    dw, dh = jax.lax.scan(block_grads, jnp.zeros(w.shape, jnp.float32), (h, gs, lse, labels))
+    return dh, dw.astype(w.dtype), None
 
 
-_flat_token_logps.defvjp(_flat_token_logps_fwd, _flat_token_logps_bwd)
+_blocked_token_logps.defvjp(_blocked_token_logps_fwd, _blocked_token_logps_bwd)
 
 
 def token_logps_from_hidden(
@@ -154,18 +154,18 @@ def token_logps_from_hidden(
     labels: jax.Array,
     temperature: float = 1.0,
     chunk_size: int = 8192,
-    token_chunk: int = 2048,
+    seq_chunk: int = 1024,
 ) -> jax.Array:
     """Same as ``token_logps(hidden @ lm_head_weight.T, labels, temperature)``, without the logits.
 
-    The ``B*T`` tokens are processed in blocks of ``token_chunk`` and, within a block, the vocabulary in
-    chunks of ``chunk_size`` rows of ``lm_head_weight``: the forward pass keeps a running max and sum per
-    token (online logsumexp), and a custom VJP recomputes each chunk's logits in the backward pass, so only
-    ``[token_chunk, chunk_size]`` logits exist at any time (at 2 x 2048 tokens with the defaults: 64 MiB
-    instead of 128 for ``[B*T, chunk_size]``; for the 7B model's 14,336-token rows, 7x less).
+    The sequence is processed in blocks of ``seq_chunk`` positions (of every row: the rows, which a mesh shards,
+    stay whole in each block) and, within a block, the vocabulary in chunks of ``chunk_size`` rows of
+    ``lm_head_weight``: the forward pass keeps a running max and sum per token (online logsumexp), and a custom
+    VJP recomputes each chunk's logits in the backward pass, so only ``[B * seq_chunk, chunk_size]`` logits exist
+    at any time (for the 7B model's 14,336-token RL rows: 7x less than ``[B * T, chunk_size]``).
     Gradients flow to ``hidden`` and ``lm_head_weight``; the matmuls accumulate in float32.
 
-    Memory beyond the inputs: O(token_chunk*chunk_size + B*T*H) floats, plus the ``[V, H]`` weight gradient
+    Memory beyond the inputs: O(B*seq_chunk*chunk_size + B*T*H) floats, plus the ``[V, H]`` weight gradient
     when it is requested. Compute: one extra logits matmul (the backward recomputes the chunks),
     i.e. 4 instead of 3 ``B*T x H x V`` matmuls for value and gradient. The custom VJP supports
     first-order reverse mode (``jax.grad``/``jax.vjp``), not forward mode or higher orders.
@@ -176,7 +176,7 @@ def token_logps_from_hidden(
       labels: ``[B, T]`` integer token ids aligned with ``hidden``.
       temperature: sampling temperature the logits are divided by (a Python number, static).
       chunk_size: vocabulary rows per chunk (static); the last chunk may be smaller.
-      token_chunk: tokens per block (static); the last block is zero-padded.
+      seq_chunk: positions per block (static); the last block is zero-padded.
 
     Returns:
       ``[B, T]`` float32 log-probabilities.
@@ -190,11 +190,11 @@ def token_logps_from_hidden(
         raise ValueError(
             f"token_logps_from_hidden: hidden shape {hidden.shape} does not match labels shape {labels.shape}"
         )
-    if chunk_size < 1 or token_chunk < 1:
-        raise ValueError(f"token_logps_from_hidden: chunk_size and token_chunk must be >= 1, got {chunk_size}, "
-                         f"{token_chunk}")
-    b, t, h = hidden.shape
-    flat = _flat_token_logps(
-        hidden.reshape(b * t, h), lm_head_weight, _safe_labels(labels).reshape(b * t), float(temperature), chunk_size,
-        token_chunk)
-    return flat.reshape(b, t)
+    if chunk_size < 1 or seq_chunk < 1:
+        raise ValueError(f"token_logps_from_hidden: chunk_size and seq_chunk must be >= 1, got {chunk_size}, "
+                         f"{seq_chunk}")
+    b, t, _ = hidden.shape
+    out = _blocked_token_logps(_sequence_blocks(hidden, seq_chunk), lm_head_weight,
+                               _sequence_blocks(_safe_labels(labels), seq_chunk), float(temperature), chunk_size)
+    c = min(seq_chunk, t)
+    return jnp.moveaxis(out.reshape(-1, b, c), 0, 1).reshape(b, -1)[:, :t]
