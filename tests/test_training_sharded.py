@@ -1,6 +1,7 @@
 """Sharded (8-device CPU mesh data=2 x fsdp=2 x tensor=2) training steps equal single-device steps
-(loss and updated parameters, fp32, two steps; SFT, DPO-hybrid, and the GRPO, OPSD and ViGOS updates);
-gradient accumulation over 2 micro-batches equals
+(loss and updated parameters, fp32, two steps; SFT, DPO-hybrid, and the GRPO, OPSD and ViGOS updates; the
+GRPO update also with the decoder MLP over tiles of positions, model.mlp_tile); gradient accumulation over 2
+micro-batches equals
 one big batch; a frozen vision tower stays bit-identical.
 
 The 8 devices need ``XLA_FLAGS`` before jax is imported, so the checks run in a subprocess
@@ -137,8 +138,13 @@ def main(out_dir: str) -> None:
     for kind, options in (("grpo", "{kl_coef: 0.05}"), ("opsd", "{divergence: jsd, beta: 0.5}"),
                           ("vigos", "{token_clip: 1.0}")):
         extra = [f"loss.name={kind}", f"loss.kwargs={options}", "rl.num_iterations=2"]
+        single_run = _update(kind, f"{out_dir}/{kind}_1", extra, seqs[kind], mesh=single)
         compare(f"{kind}_sharded_vs_single", _update(kind, f"{out_dir}/{kind}_s", sharded + extra, seqs[kind]),
-                _update(kind, f"{out_dir}/{kind}_1", extra, seqs[kind], mesh=single))
+                single_run)
+        if kind == "grpo":  # the same weights with the decoder MLP over tiles of 8 positions, sharded
+            tiled = random_model(cfg.replace(mlp_tile=8))
+            compare("grpo_mlp_tile_sharded_vs_single", _update(kind, f"{out_dir}/{kind}_t", sharded + extra,
+                                                               seqs[kind], model=tiled), single_run)
     Path(out_dir, "report.json").write_text(json.dumps(report))
 
 
@@ -182,15 +188,16 @@ def vigos_batch(cfg, rs, completion: int = 8) -> dict:
             "teacher_index": rs.randint(0, 3, (8, completion)).astype(np.int32)}
 
 
-def _update(kind: str, out: str, overrides: list[str], seqs: dict, mesh=None) -> tuple[list, dict, dict]:
-    """(losses, initial params, final params) of two RLTrainer.update calls on ``seqs``."""
+def _update(kind: str, out: str, overrides: list[str], seqs: dict, mesh=None, model=None) -> tuple[list, dict, dict]:
+    """(losses, initial params, final params) of two RLTrainer.update calls on ``seqs`` (default model:
+    :func:`small_model`)."""
     from types import SimpleNamespace
 
     from specs_jax.training.rl import RLTrainer
     from specs_jax.training.state import join_params
 
     processor = SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=0, eos_token_id=2))
-    trainer = RLTrainer(run_config(kind, out, overrides), kind, processor, small_model(), mesh=mesh)
+    trainer = RLTrainer(run_config(kind, out, overrides), kind, processor, model or small_model(), mesh=mesh)
     initial = _flat(join_params(trainer.state.params, trainer.state.frozen))
     losses = [trainer.update(seqs)["loss"] for _ in range(2)]
     final = join_params(trainer.state.params, trainer.state.frozen)
@@ -209,7 +216,7 @@ def report(tmp_path_factory) -> dict:
     return json.loads((out / "report.json").read_text())
 
 
-@pytest.mark.parametrize("kind", ["sft", "dpo", "grpo", "opsd", "vigos"])
+@pytest.mark.parametrize("kind", ["sft", "dpo", "grpo", "opsd", "vigos", "grpo_mlp_tile"])
 def test_sharded_step_equals_single_device(report, kind):
     r = report[f"{kind}_sharded_vs_single"]
     assert report["devices"] == 8
