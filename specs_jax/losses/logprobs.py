@@ -196,5 +196,4 @@ def token_logps_from_hidden(
     b, t, _ = hidden.shape
     out = _blocked_token_logps(_sequence_blocks(hidden, seq_chunk), lm_head_weight,
                                _sequence_blocks(_safe_labels(labels), seq_chunk), float(temperature), chunk_size)
-    c = min(seq_chunk, t)
-    return jnp.moveaxis(out.reshape(-1, b, c), 0, 1).reshape(b, -1)[:, :t]
+    return jnp.moveaxis(out.reshape(out.shape[0], b, -1), 0, 1).reshape(b, -1)[:, :t]  # [nb, B*c] -> [B, T]

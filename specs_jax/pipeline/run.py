@@ -152,8 +152,7 @@ def _base_stage(cfg: PipelineConfig, seed: int, data: Path) -> Callable[[Path], 
         vision = {**hf["vision_config"], **arch.pop("vision_config", {})}
         rcfg = _stage_run_config(cfg, "base", out, seed, None)
         model_cfg = from_hf_dict({**hf, **arch, "vision_config": vision, **model_token_fields(processor.tokenizer)},
-                                 dtype=rcfg.model.dtype, param_dtype=rcfg.model.param_dtype, remat=rcfg.model.remat,
-                                 attention=rcfg.model.attention, mlp_tile=rcfg.model.mlp_tile)
+                                 **rcfg.model.options())
         sft_path = out / "sft.parquet"
         rows.add_column("response", targets).to_parquet(str(sft_path))
         model = Qwen2_5_VLForConditionalGeneration(model_cfg, rngs=nnx.Rngs(seed))

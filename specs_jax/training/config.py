@@ -49,6 +49,12 @@ class ModelSection:
     freeze_vision: bool = False
     reference: str = "batch"  # DPO reference log-probs: "batch" (frozen copy, per batch) | "precomputed"
 
+    def options(self) -> dict[str, Any]:
+        """The model's run-time options (dtypes, remat, attention backend, MLP tile), as keywords of
+        ``load_model``, ``load_preset`` and ``from_hf_dict``."""
+        return {"dtype": self.dtype, "param_dtype": self.param_dtype, "remat": self.remat,
+                "attention": self.attention, "mlp_tile": self.mlp_tile}
+
 
 @dataclasses.dataclass
 class MeshConfig:

@@ -45,10 +45,8 @@ def build_model(cfg: RunConfig) -> Qwen2_5_VLForConditionalGeneration:
     if m.path is not None:
         from specs_jax.convert.io import load_model
 
-        return load_model(m.path, m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention=m.attention,
-                          mlp_tile=m.mlp_tile)
-    model_cfg = load_preset(m.preset, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat, attention=m.attention,
-                            mlp_tile=m.mlp_tile)
+        return load_model(m.path, **m.options())
+    model_cfg = load_preset(m.preset, **m.options())
     return Qwen2_5_VLForConditionalGeneration(model_cfg, rngs=nnx.Rngs(cfg.train.seed))
 
 
