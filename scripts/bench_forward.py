@@ -1,6 +1,8 @@
 #!/usr/bin/env python
 """Time a jitted forward+backward of specs-jax's Qwen2.5-VL against transformers (PyTorch) on the
 same ~30-100M-parameter config, the same weights and the same inputs, in one run, and print the ratio.
+The contenders are timed in alternation (rounds that run each once, in rotated order; medians), so that the
+load of a shared machine weighs on all of them alike.
 
 The loss is the mean next-token cross-entropy over a batch of text rows, one of which holds an
 image, so both the vision tower and the decoder are differentiated. Compilation is timed
@@ -60,13 +62,18 @@ def make_batch(args, cfg):
     return ids, pixels, np.array([grid])
 
 
-def time_it(fn, iters: int) -> float:
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+def time_interleaved(steps: dict, iters: int) -> dict:
+    """Median seconds per call of each of ``steps`` (name -> warmed-up callable), timed in ``iters`` rounds
+    that call every step once, the order rotated each round: a slow spell of this shared machine then
+    falls on every contender alike instead of on whichever was being timed at the time."""
+    times = {name: [] for name in steps}
+    names = list(steps)
+    for i in range(iters):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            start = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def make_step(labels, chunked: bool = False):
@@ -93,8 +100,8 @@ def make_step(labels, chunked: bool = False):
     return step
 
 
-def bench_jax(path, ids, pixels, grid, iters, attention="auto", profile: bool = False):
-    """(loss, first call's seconds, median step seconds, profile lines or None) of the jitted step."""
+def bench_jax(path, ids, pixels, grid, attention="auto", profile: bool = False):
+    """(loss, first call's seconds, the warmed-up step as a callable, profile lines or None) of the jitted step."""
     import jax
     from flax import nnx
 
@@ -110,14 +117,14 @@ def bench_jax(path, ids, pixels, grid, iters, attention="auto", profile: bool = 
     jax.block_until_ready(grads)
     compile_s = time.perf_counter() - start
     run = lambda: jax.block_until_ready(step(model, inputs))
-    seconds = time_it(run, iters)
+    run()
     lines = None
     if profile:
         graphdef, state = nnx.split(model)
         fn = jax.jit(lambda state, inputs: step(nnx.merge(graphdef, state), inputs))
         compiled = fn.lower(state, inputs).compile()  # the program profiled is the one whose text is read
         lines = profile_lines(profile_ops(lambda: jax.block_until_ready(compiled(state, inputs)), compiled.as_text()))
-    return float(loss), compile_s, seconds, lines
+    return float(loss), compile_s, run, lines
 
 
 OP_KINDS = (  # (kind, predicate on an XLA operation's name), first match wins
@@ -215,7 +222,8 @@ def attention_temp_memory(cfg, batch: int, seq: int, attention: str) -> int:
     return int(lowered.compile().memory_analysis().temp_size_in_bytes)
 
 
-def bench_torch(path, ids, pixels, grid, iters):
+def bench_torch(path, ids, pixels, grid):
+    """(loss, the warmed-up forward+backward step as a callable) of transformers' model."""
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -233,7 +241,8 @@ def bench_torch(path, ids, pixels, grid, iters):
         return float(loss)
 
     loss = step()  # warm-up
-    return loss, time_it(step, iters)
+    step()
+    return loss, step
 
 
 def jax_platform() -> str:
@@ -250,7 +259,8 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--iters", type=int, default=7,
+                   help="timed rounds; each calls every contender once, in rotated order (median reported)")
     p.add_argument("--attention", action="append", default=None,
                    choices=("auto", "xla", "blockwise", "splash", "cudnn"),
                    help="specs-jax attention backend to time (repeat for several; default: xla, blockwise and the "
@@ -280,14 +290,16 @@ def main() -> None:
 
     default = resolve_backend("auto")
     backends = list(dict.fromkeys(resolve_backend(a) for a in (args.attention or ["xla", "blockwise", default])))
-    loss_t, torch_s = bench_torch(path, ids, pixels, grid, args.iters)
+    loss_t, torch_step = bench_torch(path, ids, pixels, grid)
     ref = default if default in backends else backends[-1]
-    results = {a: bench_jax(path, ids, pixels, grid, args.iters, a, profile=args.profile and a == ref)
-               for a in backends}
+    results = {a: bench_jax(path, ids, pixels, grid, a, profile=args.profile and a == ref) for a in backends}
+    seconds = time_interleaved({"transformers": torch_step, **{a: r[2] for a, r in results.items()}}, args.iters)
+    torch_s = seconds["transformers"]
     tokens = args.batch * args.seq
     print(f"loss: transformers {loss_t:.6f}  " + "  ".join(f"specs-jax[{a}] {r[0]:.6f}" for a, r in results.items()))
     print(f"transformers          fwd+bwd: {torch_s * 1e3:8.1f} ms/step  {tokens / torch_s:9.0f} tokens/s")
-    for a, (_, compile_s, jax_s, _) in results.items():
+    for a, (_, compile_s, _, _) in results.items():
+        jax_s = seconds[a]
         print(f"specs-jax {a:<11} fwd+bwd: {jax_s * 1e3:8.1f} ms/step  {tokens / jax_s:9.0f} tokens/s  "
               f"(first call incl. compile {compile_s:.1f} s)  ratio {torch_s / jax_s:.2f}x")
     if args.mem_seq:
@@ -315,7 +327,7 @@ def main() -> None:
               "(jax.profiler, operation time summed over XLA's threads):")
         print("\n".join(results[ref][3]))
     print(f"default attention backend on {jax_platform()}: {default}" + ("" if ref == default else f" (timed: {ref})"))
-    print(f"speed ratio specs-jax / transformers: {torch_s / results[ref][2]:.2f}x")
+    print(f"speed ratio specs-jax / transformers: {torch_s / seconds[ref]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -174,20 +174,26 @@ def test_image_token_count_mismatch_is_refused(loaded):
 
 def test_per_row_patch_budget_leaves_logits_unchanged(loaded):
     """Each row's images sit in its own row of VisionInputs, padded to the row budget; padding patches are
-    never seen by real ones nor scattered into the tokens."""
+    never seen by real ones nor scattered into the tokens. One vision row per batch row (the sharded layout)
+    and vision rows only for the rows that show images (the default) give the same logits."""
     from specs_jax.model import prepare_inputs
 
     model, hf = loaded
     ids, mask, grids = _mixed_batch("right")  # rows with 2, 0 and 1 images: 68, 0 and 40 patches
     pix = pixels(grids)
-    plain = prepare_inputs(model.config, ids, mask, pix, np.array(grids))
-    assert plain.vision.pixel_values.shape == (3, 68, pix.shape[1])
-    np.testing.assert_array_equal(plain.vision.pixel_values[2, :40], pix[68:])  # row 2's image, in its row
-    assert not plain.vision.pixel_values[1].any() and (plain.vision.image_segment[1] == -1).all()
-    padded = prepare_inputs(model.config, ids, mask, pix, np.array(grids), patch_bucket=128)
+    per_row = prepare_inputs(model.config, ids, mask, pix, np.array(grids), image_rows_only=False)
+    assert per_row.vision.pixel_values.shape == (3, 68, pix.shape[1]) and per_row.vision.feature_rows is None
+    np.testing.assert_array_equal(per_row.vision.pixel_values[2, :40], pix[68:])  # row 2's image, in its row
+    assert not per_row.vision.pixel_values[1].any() and (per_row.vision.image_segment[1] == -1).all()
+    compact = prepare_inputs(model.config, ids, mask, pix, np.array(grids))
+    assert compact.vision.pixel_values.shape == (2, 68, pix.shape[1])  # row 1 shows no image: no vision row
+    np.testing.assert_array_equal(compact.vision.pixel_values[1, :40], pix[68:])  # row 2's image, vision row 1
+    np.testing.assert_array_equal(compact.vision.feature_rows, [0, 0, 1])
+    padded = prepare_inputs(model.config, ids, mask, pix, np.array(grids), patch_bucket=128, image_rows_only=False)
     assert padded.vision.pixel_values.shape == (3, 128, pix.shape[1])
     ours = np.asarray(model.forward(padded))
-    np.testing.assert_allclose(ours, np.asarray(model.forward(plain)), atol=1e-5)
+    np.testing.assert_allclose(ours, np.asarray(model.forward(per_row)), atol=1e-5)
+    np.testing.assert_allclose(ours, np.asarray(model.forward(compact)), atol=1e-5)
     assert max_diff(ours, hf_logits(hf, ids, mask, pix, grids), mask) <= FP32_TOL
     with pytest.raises(ValueError, match="patch_bucket 64 must be >= the largest row's 68"):
         prepare_inputs(model.config, ids, mask, pix, np.array(grids), patch_bucket=64)
@@ -210,3 +216,25 @@ def test_attention_backends_match_transformers(hf_model_dir, backend, blocks, si
     diff = _mixed_batch_diff(model, hf, side)
     print(f"attention={backend} blocks={blocks} ({side} padding) max abs diff {diff:.2e}")
     assert diff <= FP32_TOL
+
+
+def test_image_rows_only_layout_has_the_per_row_gradients(loaded):
+    """The default layout (vision rows only for the rows that show images, read back through
+    ``feature_rows``) differentiates to the same parameter gradients as one vision row per batch row."""
+    from flax import nnx
+
+    from specs_jax.model import prepare_inputs
+
+    model, _ = loaded
+    ids, mask, grids = _mixed_batch("left")
+    pix = pixels(grids)
+
+    def grads(image_rows_only):
+        inputs = prepare_inputs(model.config, ids, mask, pix, np.array(grids), image_rows_only=image_rows_only)
+        loss = lambda m: (m.forward(inputs) * mask[..., None]).std()
+        return nnx.state(nnx.grad(loss)(model), nnx.Param)
+
+    compact, per_row = grads(True), grads(False)
+    visual = compact["model"]["visual"]["merger"]["mlp"][2]["weight"][...]
+    assert np.abs(np.asarray(visual)).max() > 0  # the image features are differentiated
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6), compact, per_row)

@@ -26,21 +26,23 @@ from flax import nnx
 
 from specs_jax.model.attention import Segments, attention, padding_segments, self_segments
 from specs_jax.model.config import ModelConfig
-from specs_jax.model.layers import (Embedding, GatedMLP, Linear, RMSNorm, _param, activation, apply_rotary,
+from specs_jax.model.layers import (Embedding, GatedMLP, dense, Linear, RMSNorm, _param, activation, apply_rotary,
                                     constrain_batch, scan_layers)
 from specs_jax.model.positions import get_rope_index, image_rows, row_patches, vision_layout
 
 
 class VisionInputs(NamedTuple):
-    """The images of a batch laid out per row, like the tokens, so that they shard over the batch axes with
-    them and each row's images go through the vision tower on the device that holds the row.
+    """The images of a batch laid out in rows of patches, one per batch row, so that they shard over the batch
+    axes with the tokens and each row's images go through the vision tower on the device that holds the row;
+    or (``feature_rows`` set) one per batch row that shows images, for single-device calls, where a row without
+    images would only cost the tower a row of padding.
 
-    Row ``b`` holds the patches of its own images (processor order, images in the order of its
+    Vision row ``r`` holds the patches of one batch row's images (processor order, images in the order of its
     ``<|image_pad|>`` blocks) padded to a per-row budget ``P`` (a bucket, a multiple of ``merge**2``), and their
     :class:`~specs_jax.model.positions.VisionLayout` padded alike. The segment ids are the validity mask:
     padding patches carry :data:`PAD_SEGMENT` (a segment of their own, so no real patch attends to them) and
-    their merged features are never read (row ``b``'s ``k``-th image token takes the row's merged feature ``k``).
-    The vision tower's attention therefore never spans rows.
+    their merged features are never read (batch row ``b``'s ``k``-th image token takes merged feature ``k`` of
+    vision row ``b``, or of ``feature_rows[b]``). The vision tower's attention therefore never spans rows.
     """
 
     pixel_values: jax.Array  # [B, P, C*T*P*P]
@@ -49,6 +51,7 @@ class VisionInputs(NamedTuple):
     window_segment: jax.Array  # [B, P], PAD_SEGMENT on padding
     image_segment: jax.Array  # [B, P], PAD_SEGMENT on padding
     unpermute: jax.Array  # [B, P / merge**2]: processor order of the merged tokens (padding last)
+    feature_rows: jax.Array | None = None  # [B]: the vision row of batch row b's images; None: row b (V = B)
 
 
 PAD_SEGMENT = -1  # segment id of the padding patches of a row's image budget
@@ -371,6 +374,8 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         embeds = self.model.language_model.embed_tokens(inputs.input_ids)
         if inputs.vision is not None:
             features = self.model.visual(inputs.vision)
+            if inputs.vision.feature_rows is not None:
+                features = features[inputs.vision.feature_rows]
             embeds = scatter_image_features(embeds, inputs.input_ids, features, self.config.image_token_id)
         return embeds
 
@@ -381,7 +386,7 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """``hidden [..., E] -> logits [..., V]`` in the compute dtype."""
-        return jnp.einsum("...e,ve->...v", hidden, self.lm_head_weight().astype(hidden.dtype))
+        return dense(hidden, self.lm_head_weight().astype(hidden.dtype))
 
     def forward(self, inputs: ModelInputs) -> jax.Array:
         """Traceable forward: prepared inputs -> logits ``[B, T, V]``."""
@@ -401,7 +406,8 @@ def _jit_forward(graphdef, state, inputs: ModelInputs) -> jax.Array:
 
 
 def prepare_inputs(cfg: ModelConfig, input_ids, attention_mask=None, pixel_values=None,
-                   image_grid_thw=None, *, patch_bucket: int | None = None) -> ModelInputs:
+                   image_grid_thw=None, *, patch_bucket: int | None = None,
+                   image_rows_only: bool = True) -> ModelInputs:
     """Host-side preparation of a transformers-style batch into :class:`ModelInputs` (numpy arrays).
 
     ``pixel_values [N, C*T*P*P]`` / ``image_grid_thw [I, 3]`` come flat, as transformers' processor returns
@@ -409,6 +415,9 @@ def prepare_inputs(cfg: ModelConfig, input_ids, attention_mask=None, pixel_value
     (:func:`row_vision_inputs`). Checks that the number of ``<|image_pad|>`` tokens matches the images' merged
     patch counts and that ``pixel_values`` has one row per patch. ``patch_bucket``: every row's patch budget
     (default: the largest row's patch count), so that batches with other image sizes share one compiled program.
+    ``image_rows_only``: only the rows that show images get a row of patches (the vision tower's work is the
+    batch's images, not ``B`` rows); ``False`` for batches that are sharded or split by rows (the trainer, the
+    sampler), which need one row of patches per batch row.
     """
     if isinstance(input_ids, jax.core.Tracer):
         raise TypeError("model(...) needs concrete arrays; inside jit call model.forward(prepare_inputs(...))")
@@ -433,7 +442,7 @@ def prepare_inputs(cfg: ModelConfig, input_ids, attention_mask=None, pixel_value
             raise ValueError(f"Image features and image tokens do not match: tokens {n_image_tokens}, "
                              f"features {n_features}")
         positions, _ = get_rope_index(cfg, ids, grid, mask)
-        vision = row_vision_inputs(cfg, ids, mask, pixels, grid, patch_bucket)
+        vision = row_vision_inputs(cfg, ids, mask, pixels, grid, patch_bucket, image_rows_only)
         return ModelInputs(ids.astype(np.int32), positions, mask, vision)
     if n_image_tokens:
         raise ValueError(f"input_ids hold {n_image_tokens} <|image_pad|> tokens but no pixel_values were given")
@@ -442,10 +451,13 @@ def prepare_inputs(cfg: ModelConfig, input_ids, attention_mask=None, pixel_value
 
 
 def row_vision_inputs(cfg: ModelConfig, input_ids: np.ndarray, attention_mask: np.ndarray, pixel_values: np.ndarray,
-                      image_grid_thw: np.ndarray, patch_bucket: int | None = None) -> VisionInputs:
-    """The per-row :class:`VisionInputs` of flat ``pixel_values [N, D]`` / ``image_grid_thw [I, 3]`` (images in
-    row-major order of their image tokens): row ``b`` gets its images' patches, padded to ``patch_bucket``
-    patches (default: the largest row's count; it must be at least that and a multiple of ``merge**2``)."""
+                      image_grid_thw: np.ndarray, patch_bucket: int | None = None,
+                      image_rows_only: bool = True) -> VisionInputs:
+    """The :class:`VisionInputs` of flat ``pixel_values [N, D]`` / ``image_grid_thw [I, 3]`` (images in
+    row-major order of their image tokens): vision row ``b`` gets batch row ``b``'s images' patches, padded to
+    ``patch_bucket`` patches (default: the largest row's count; it must be at least that and a multiple of
+    ``merge**2``). ``image_rows_only``: vision rows only for the batch rows that show images, in batch order
+    (``feature_rows`` maps each batch row to its vision row; rows without images to row 0, never read)."""
     unit = cfg.vision.spatial_merge_size**2
     grid = np.asarray(image_grid_thw).reshape(-1, 3)
     sizes = grid.prod(-1)
@@ -456,19 +468,25 @@ def row_vision_inputs(cfg: ModelConfig, input_ids: np.ndarray, attention_mask: n
     if budget < counts.max() or budget % unit:
         raise ValueError(f"patch_bucket {budget} must be >= the largest row's {counts.max()} image patches and a "
                          f"multiple of {unit}")
-    b = len(input_ids)
+    shown = np.unique(rows)  # the batch rows that show images
+    slot = np.arange(len(input_ids))  # the vision row of each batch row
+    if image_rows_only:
+        slot[:] = 0
+        slot[shown] = np.arange(len(shown))
+    b = max(len(shown), 1) if image_rows_only else len(input_ids)
     pixels = np.zeros((b, budget, pixel_values.shape[1]), pixel_values.dtype)
     permutation = np.tile(np.arange(budget, dtype=np.int32), (b, 1))
     unpermute = np.tile(np.arange(budget // unit, dtype=np.int32), (b, 1))
     pos_hw = np.zeros((b, budget, 2), np.int32)
     window_segment = np.full((b, budget), PAD_SEGMENT, np.int32)
     image_segment = np.full((b, budget), PAD_SEGMENT, np.int32)
-    for row in np.unique(rows):
+    for row in shown:
         images = np.flatnonzero(rows == row)
-        n = int(counts[row])
-        pixels[row, :n] = np.concatenate([pixel_values[ends[i] - sizes[i]:ends[i]] for i in images])
+        n, r = int(counts[row]), slot[row]
+        pixels[r, :n] = np.concatenate([pixel_values[ends[i] - sizes[i]:ends[i]] for i in images])
         layout = vision_layout(cfg, grid[images])
-        permutation[row, :n], pos_hw[row, :n] = layout.permutation, layout.pos_hw
-        window_segment[row, :n], image_segment[row, :n] = layout.window_segment, layout.image_segment
-        unpermute[row, :n // unit] = layout.unpermute
-    return VisionInputs(pixels, permutation, pos_hw, window_segment, image_segment, unpermute)
+        permutation[r, :n], pos_hw[r, :n] = layout.permutation, layout.pos_hw
+        window_segment[r, :n], image_segment[r, :n] = layout.window_segment, layout.image_segment
+        unpermute[r, :n // unit] = layout.unpermute
+    return VisionInputs(pixels, permutation, pos_hw, window_segment, image_segment, unpermute,
+                        slot.astype(np.int32) if image_rows_only else None)

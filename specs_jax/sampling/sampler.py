@@ -169,7 +169,7 @@ class Sampler:
             most = row_patches(self.model.config, out_ids, out_mask, image_grid_thw).max()
             patch_bucket = _bucket(int(most), self.config.patch_buckets, "image patches of a prompt")
         inputs = prepare_inputs(self.model.config, out_ids, out_mask, pixel_values, image_grid_thw,
-                                patch_bucket=patch_bucket)
+                                patch_bucket=patch_bucket, image_rows_only=False)
         return inputs, b
 
     # ---------------------------------------------------------------- public API

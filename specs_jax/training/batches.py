@@ -72,7 +72,8 @@ def prepare_sequences(cfg: ModelConfig, input_ids: np.ndarray, attention_mask: n
     if patches is not None and pixel_values is None:  # no image here, but in other micro-batches: padding only
         pixel_values = np.zeros((0, cfg.vision.patch_dim), np.float32)
         image_grid_thw = np.zeros((0, 3), np.int64)
-    inputs = prepare_inputs(cfg, ids, attn, pixel_values, image_grid_thw, patch_bucket=patches)
+    inputs = prepare_inputs(cfg, ids, attn, pixel_values, image_grid_thw, patch_bucket=patches,
+                            image_rows_only=False)  # images stay with their rows: sharded and split by rows
     labels = np.concatenate([ids[:, 1:], np.zeros_like(ids[:, :1])], axis=1).astype(np.int32)
     mask = np.concatenate([resp[:, 1:] & attn[:, 1:], np.zeros_like(resp[:, :1])], axis=1).astype(np.float32)
     if ref_logps is not None:

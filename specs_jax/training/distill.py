@@ -350,7 +350,7 @@ class _Distill(Algorithm):
                 pixels = np.zeros((0, self.model_cfg.vision.patch_dim), np.float32)
                 grid = np.zeros((0, 3), np.int64)
             student = prepare_inputs(self.model_cfg, seqs["input_ids"][rows], seqs["attention_mask"][rows], pixels,
-                                     grid, patch_bucket=patches)
+                                     grid, patch_bucket=patches, image_rows_only=False)
             index = None if "teacher_index" not in seqs else np.asarray(seqs["teacher_index"][rows], np.int32)
             response = np.asarray(seqs["response_mask"][rows]) > 0
             # the trainer may zero rows of loss_mask (e.g. the accuracy filter): those tokens do not count
