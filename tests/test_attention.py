@@ -270,3 +270,30 @@ def test_sequence_tiled_mlp_equals_the_mlp_in_value_and_gradients_with_less_memo
     long = jax.ShapeDtypeStruct((2, 4096, 128), jnp.float32)
     temp = lambda fn, state: fn.lower(state, long).compile().memory_analysis().temp_size_in_bytes
     assert temp(fn, state) >= 3 * temp(fn_tiled, state_tiled)
+
+
+def test_dense_contracts_one_token_axis_in_the_forward_and_the_weight_gradient():
+    """``layers.dense`` equals ``einsum('...i,oi->...o')`` in value and gradients, and every matrix product of its
+    value-and-grad contracts a single axis of 2-D operands: the weight gradient is one ``[tokens, out] x
+    [tokens, in]`` product (a contraction over (batch, seq) made XLA:CPU transpose the output gradient first)."""
+    from specs_jax.model.layers import dense
+
+    x = jax.random.normal(jax.random.key(0), (2, 3, 5, 8))
+    w = jax.random.normal(jax.random.key(1), (6, 8))
+    loss = lambda f: (lambda x, w: jnp.sum(jnp.sin(f(x, w))))
+    ref = lambda x, w: jnp.einsum("...i,oi->...o", x, w)
+    (v, g), (v_ref, g_ref) = (jax.value_and_grad(loss(f), (0, 1))(x, w) for f in (dense, ref))
+    np.testing.assert_allclose(v, v_ref, rtol=1e-5)
+    for a, b in zip(g, g_ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+    def dots(f):
+        jaxpr = jax.make_jaxpr(jax.value_and_grad(loss(f), (0, 1)))(x, w).jaxpr
+        return [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+
+    def single_axis(e):
+        (lc, rc), _ = e.params["dimension_numbers"]
+        return len(lc) == len(rc) == 1 and all(v.aval.ndim == 2 for v in e.invars)
+
+    assert len(dots(dense)) == 3 and all(single_axis(e) for e in dots(dense))  # forward, dx, dw
+    assert not all(single_axis(e) for e in dots(ref))  # the check sees the form it guards against
