@@ -297,3 +297,6 @@ def test_dense_contracts_one_token_axis_in_the_forward_and_the_weight_gradient()
 
     assert len(dots(dense)) == 3 and all(single_axis(e) for e in dots(dense))  # forward, dx, dw
     assert not all(single_axis(e) for e in dots(ref))  # the check sees the form it guards against
+    y = dense(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+    assert y.dtype == jnp.float32 and y.shape == (2, 3, 5, 6)
+    np.testing.assert_allclose(y, ref(x, w), rtol=0.05, atol=0.1)  # bf16 operands, float32 products

@@ -31,14 +31,16 @@ def _param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: Axes, dtype, ini
     return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
-def dense(x: jax.Array, w: jax.Array) -> jax.Array:
+def dense(x: jax.Array, w: jax.Array, preferred_element_type=None) -> jax.Array:
     """``x [..., in] @ w[out, in]^T -> [..., out]``, contracted as one ``[tokens, in] x [out, in]`` matrix product.
 
     Flattening the leading axes first keeps the weight gradient a single-axis ``[tokens, out] x [tokens, in]``
     dot, which XLA:CPU runs as it is; contracted over (batch, seq) instead, XLA:CPU transposed the output
     gradient first, with the producer's elementwise backward (e.g. SwiGLU's) fused into that transpose: 14% of
-    ``scripts/bench_forward.py``'s step. The flattened axes are leading, so a batch-sharded ``x`` stays sharded."""
-    return jnp.einsum("ti,oi->to", x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[0])
+    ``scripts/bench_forward.py``'s step. The flattened axes are leading, so a batch-sharded ``x`` stays sharded.
+    ``preferred_element_type``: the product's dtype (e.g. float32 logits from bf16 operands)."""
+    y = jnp.einsum("ti,oi->to", x.reshape(-1, x.shape[-1]), w, preferred_element_type=preferred_element_type)
+    return y.reshape(*x.shape[:-1], w.shape[0])
 
 
 class Linear(nnx.Module):

@@ -87,6 +87,7 @@ from specs_jax.data.pipeline import prompt_messages
 from specs_jax.data.tokenizer import IMAGE_TOKEN, Processor
 from specs_jax.losses import vigos_description_end, vigos_teacher_index
 from specs_jax.model import ModelConfig, ModelInputs, prepare_inputs, row_patches
+from specs_jax.model.layers import dense
 from specs_jax.training.algorithm import Algorithm, register_algorithm
 from specs_jax.training.batches import pow2_bucket, select_images, stack_micro
 from specs_jax.training.config import RunConfig
@@ -157,7 +158,7 @@ def response_logits(model: nnx.Module, inputs: ModelInputs, length: int) -> jax.
     t = hidden.shape[1]
     window = hidden[:, t - length - 1: t - 1]
     weight = model.lm_head_weight().astype(window.dtype)
-    return jnp.einsum("bte,ve->btv", window, weight, preferred_element_type=jnp.float32)
+    return dense(window, weight, preferred_element_type=jnp.float32)
 
 
 def render_context(processor: Processor, user_text: str, image_tokens: Sequence[int],
