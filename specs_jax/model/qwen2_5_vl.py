@@ -333,13 +333,17 @@ class Qwen2_5_VLModel(nnx.Module):
 
 
 def scatter_image_features(embeds: jax.Array, input_ids: jax.Array, features: jax.Array,
-                           image_token_id: int) -> jax.Array:
-    """Replace the embeddings ``[B, T, E]`` at the ``<|image_pad|>`` tokens by the rows' image features
-    ``[B, M, E]``: row ``b``'s ``k``-th image token takes ``features[b, k]``."""
+                           image_token_id: int, feature_rows: jax.Array | None = None) -> jax.Array:
+    """Replace the embeddings ``[B, T, E]`` at the ``<|image_pad|>`` tokens by the image features ``[V, M, E]``
+    of the vision rows: row ``b``'s ``k``-th image token takes ``features[b, k]`` (``V = B``), or
+    ``features[feature_rows[b], k]`` (:class:`VisionInputs` with vision rows only for the rows that show images)."""
     is_image = input_ids == image_token_id
     index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, features.shape[1] - 1)
-    gathered = jnp.take_along_axis(features, index[..., None], axis=1).astype(embeds.dtype)
-    return jnp.where(is_image[..., None], gathered, embeds)
+    if feature_rows is None:  # row to row, so a batch sharded over rows gathers on each device
+        gathered = jnp.take_along_axis(features, index[..., None], axis=1)
+    else:
+        gathered = features[feature_rows[:, None], index]
+    return jnp.where(is_image[..., None], gathered.astype(embeds.dtype), embeds)
 
 
 class Qwen2_5_VLForConditionalGeneration(nnx.Module):
@@ -374,9 +378,8 @@ class Qwen2_5_VLForConditionalGeneration(nnx.Module):
         embeds = self.model.language_model.embed_tokens(inputs.input_ids)
         if inputs.vision is not None:
             features = self.model.visual(inputs.vision)
-            if inputs.vision.feature_rows is not None:
-                features = features[inputs.vision.feature_rows]
-            embeds = scatter_image_features(embeds, inputs.input_ids, features, self.config.image_token_id)
+            embeds = scatter_image_features(embeds, inputs.input_ids, features, self.config.image_token_id,
+                                            inputs.vision.feature_rows)
         return embeds
 
     def hidden_states(self, inputs: ModelInputs) -> jax.Array:
@@ -469,11 +472,12 @@ def row_vision_inputs(cfg: ModelConfig, input_ids: np.ndarray, attention_mask: n
         raise ValueError(f"patch_bucket {budget} must be >= the largest row's {counts.max()} image patches and a "
                          f"multiple of {unit}")
     shown = np.unique(rows)  # the batch rows that show images
-    slot = np.arange(len(input_ids))  # the vision row of each batch row
-    if image_rows_only:
-        slot[:] = 0
+    if image_rows_only:  # slot: the vision row of each batch row
+        slot = np.zeros(len(input_ids), np.int32)
         slot[shown] = np.arange(len(shown))
-    b = max(len(shown), 1) if image_rows_only else len(input_ids)
+        b = max(len(shown), 1)
+    else:
+        slot, b = np.arange(len(input_ids)), len(input_ids)
     pixels = np.zeros((b, budget, pixel_values.shape[1]), pixel_values.dtype)
     permutation = np.tile(np.arange(budget, dtype=np.int32), (b, 1))
     unpermute = np.tile(np.arange(budget // unit, dtype=np.int32), (b, 1))
@@ -489,4 +493,4 @@ def row_vision_inputs(cfg: ModelConfig, input_ids: np.ndarray, attention_mask: n
         window_segment[r, :n], image_segment[r, :n] = layout.window_segment, layout.image_segment
         unpermute[r, :n // unit] = layout.unpermute
     return VisionInputs(pixels, permutation, pos_hw, window_segment, image_segment, unpermute,
-                        slot.astype(np.int32) if image_rows_only else None)
+                        slot if image_rows_only else None)
